@@ -1,0 +1,43 @@
+"""2-D toy distributions (8 Gaussians, checkerboard) with an MLP: seconds per stage on a CPU.
+
+Variants: teacher, tiny (a few steps, for tests).
+"""
+
+from hd.config import base_config
+
+
+def get_config(variant: str = "teacher"):
+    c = base_config()
+    c.data.name = "toy2d"
+    c.data.toy = "8gaussians"
+    c.data.num_classes = 8
+    c.model.name = "mlp"
+    c.model.width = 256
+    c.model.depth = 4
+    c.batch_size = 512
+    c.num_steps = 3000
+    c.optimizer.lr = 2e-3
+    c.optimizer.warmup_steps = 100
+    c.ema_decay = 0.995
+    c.teacher.label_dropout = 0.1
+    c.log_every = 100
+    c.checkpoint_every = 1000
+    c.sample_every = 1000
+    c.sample.num_steps = 64
+
+    if variant == "teacher":
+        pass
+    elif variant == "tiny":
+        c.model.width = 64
+        c.model.depth = 2
+        c.batch_size = 64
+        c.num_steps = 20
+        c.log_every = 5
+        c.checkpoint_every = 10
+        c.sample_every = 0
+        c.sample.num_steps = 4
+    else:
+        raise ValueError(f"configs/toy2d.py has no variant {variant!r}; use one of: teacher, tiny")
+    c.stage = "teacher"
+    c.lock()
+    return c

@@ -1,0 +1,94 @@
+"""Orbax checkpoints: one manager per stage work directory, one named item per state field plus the data
+iterator position, and the hand-off that lets a later stage read an earlier stage's items."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+DATA_ITEM = "data"
+COUNTERS_ITEM = "counters"  # scalar fields (step, skip counts): orbax saves pytrees, not bare scalars
+
+
+def _is_scalar(value: Any) -> bool:
+    return hasattr(value, "shape") and not isinstance(value, (dict, list, tuple))
+
+
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def state_items(state: Any) -> dict[str, Any]:
+    """A dataclass state as checkpoint items: one per tree field, plus one holding all scalar fields."""
+    fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+    items = {name: value for name, value in fields.items() if not _is_scalar(value)}
+    items[COUNTERS_ITEM] = {name: value for name, value in fields.items() if _is_scalar(value)}
+    return items
+
+
+def state_from_items(state_type: type, items: dict[str, Any]) -> Any:
+    fields = dict(items[COUNTERS_ITEM])
+    fields.update({name: value for name, value in items.items() if name not in (COUNTERS_ITEM, DATA_ITEM)})
+    return state_type(**fields)
+
+
+class Checkpointer:
+    """Saves a dataclass train state field by field (`params`, `ema_params`, `opt_state`, `step`, ...) and the
+    data iterator state as JSON, asynchronously, keeping the newest `keep`."""
+
+    def __init__(self, workdir: str, *, keep: int):
+        self._manager = ocp.CheckpointManager(
+            checkpoint_dir(workdir),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True))
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, step: int, state: Any, data_state: dict) -> None:
+        args = {name: ocp.args.StandardSave(value) for name, value in state_items(state).items()}
+        args[DATA_ITEM] = ocp.args.JsonSave(data_state)
+        self._manager.save(step, args=ocp.args.Composite(**args), force=True)
+
+    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
+        """Restore onto the shardings carried by `abstract_state` (ShapeDtypeStructs), which may differ from
+        the mesh the checkpoint was written on."""
+        step = self.latest_step() if step is None else step
+        args = {name: ocp.args.StandardRestore(value) for name, value in state_items(abstract_state).items()}
+        args[DATA_ITEM] = ocp.args.JsonRestore()
+        restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+        return state_from_items(type(abstract_state), dict(restored.items())), restored[DATA_ITEM]
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def read_items(workdir: str, abstract_items: dict[str, Any], step: int | None = None) -> tuple[dict[str, Any], int]:
+    """Read only the named items of another stage's newest complete checkpoint (e.g. the teacher's
+    `ema_params`) without touching that directory. Errors name the directory and what is missing."""
+    directory = checkpoint_dir(workdir)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no checkpoints in {directory}: run that stage first (or point the config at "
+                                "the work directory that has them)")
+    with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{directory} holds no complete checkpoint: finish that stage first")
+        present = set(os.listdir(os.path.join(directory, str(step))))
+        missing = [name for name in abstract_items if name not in present]
+        if missing:
+            raise FileNotFoundError(f"checkpoint {directory}/{step} lacks items {missing} (has {sorted(present)})")
+        restored = manager.restore(step, args=ocp.args.Composite(
+            **{name: ocp.args.StandardRestore(value) for name, value in abstract_items.items()}))
+        return {name: restored[name] for name in abstract_items}, step
+
+
+def abstract_like(tree: Any, shardings: Any) -> Any:
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

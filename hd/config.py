@@ -1,0 +1,127 @@
+"""The schema every config starts from, and the checks run before anything compiles or writes.
+
+Config files under configs/ call `base_config()` and set values on it. The base is locked, so a misspelt or
+stale key in a config file or on the command line is an error naming the key, and ml_collections' type safety
+rejects a value of the wrong type.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+STAGES = ("teacher", "sketch", "refine")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.stage = "teacher"
+    c.seed = 0
+
+    c.data = ml_collections.ConfigDict(dict(
+        name="fashion_mnist",  # fashion_mnist | tfds | toy2d
+        data_dir="",  # TFDS data dir; '' = ~/.cache/hd/tfds
+        tfds_name="",
+        split="train",
+        image_key="image",
+        label_key="label",
+        toy="8gaussians",
+        num_classes=10,
+    ))
+
+    c.model = ml_collections.ConfigDict(dict(
+        name="dit",  # dit | mlp
+        size="mini",  # tiny | mini | S | B | L | XL (see hd.models.dit.DIT_SIZES)
+        patch_size=4,
+        mlp_ratio=4.0,
+        learn_sigma=False,
+        time_scale=1000.0,
+        width=256,  # mlp only
+        depth=4,  # mlp only
+        dtype="float32",  # float32 | bfloat16 (compute dtype; parameters stay float32)
+    ))
+
+    # Mesh axes: -1 fills the remaining devices. Batches are split over both axes.
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+    # Parameter / optimizer-state sharding: first matching regex on the '/'-joined path wins.
+    # 'fsdp' shards the largest dimension that divides by the fsdp axis; 'replicate' keeps a full copy.
+    c.sharding_rules = (("(^|.*/)(kernel|embedding)$", "fsdp"), (".*", "replicate"))
+
+    c.batch_size = 128
+    c.num_steps = 2000
+    c.optimizer = ml_collections.ConfigDict(dict(
+        lr=1e-3, warmup_steps=100, b1=0.9, b2=0.999, weight_decay=0.0, grad_clip=1.0,
+    ))
+    c.ema_decay = 0.999
+    c.max_consecutive_skips = 20  # stop after this many non-finite updates in a row
+
+    c.teacher = ml_collections.ConfigDict(dict(
+        label_dropout=0.1,
+        time_sampling="uniform",  # uniform | logit_normal
+    ))
+
+    c.log_every = 50
+    c.checkpoint_every = 500
+    c.keep_checkpoints = 3
+    c.sample_every = 1000  # 0 = only at the end
+    c.sample = ml_collections.ConfigDict(dict(
+        num_steps=32, method="euler", cfg_scale=1.0, per_class=8,
+    ))
+    return c
+
+
+def _positive(config: ml_collections.ConfigDict, keys: tuple[str, ...]) -> None:
+    for key in keys:
+        value = config
+        for part in key.split("."):
+            value = value[part]
+        if not value > 0:
+            raise ValueError(f"config.{key}={value!r} must be > 0 (an integer division that rounded to 0?)")
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """Raise ValueError naming the key and the fix for any value that cannot work."""
+    if config.stage not in STAGES:
+        raise ValueError(f"config.stage={config.stage!r} is not one of {STAGES}")
+    _positive(config, ("batch_size", "num_steps", "log_every", "checkpoint_every", "keep_checkpoints",
+                       "optimizer.lr", "max_consecutive_skips", "sample.num_steps", "sample.per_class",
+                       "data.num_classes"))
+    if not 0.0 <= config.ema_decay < 1.0:
+        raise ValueError(f"config.ema_decay={config.ema_decay} must be in [0, 1)")
+    if config.optimizer.warmup_steps < 0 or config.sample_every < 0:
+        raise ValueError("config.optimizer.warmup_steps and config.sample_every must be >= 0")
+    if config.data.name not in ("fashion_mnist", "tfds", "toy2d"):
+        raise ValueError(f"config.data.name={config.data.name!r} is not one of 'fashion_mnist', 'tfds', 'toy2d'")
+    if config.data.name == "tfds" and not config.data.tfds_name:
+        raise ValueError("config.data.name='tfds' needs config.data.tfds_name (a prepared TFDS dataset)")
+    if config.model.name not in ("dit", "mlp"):
+        raise ValueError(f"config.model.name={config.model.name!r} is not one of 'dit', 'mlp'")
+    if (config.model.name == "mlp") != (config.data.name == "toy2d"):
+        raise ValueError(f"config.model.name={config.model.name!r} does not fit config.data.name="
+                         f"{config.data.name!r}: use 'mlp' for toy2d and 'dit' for images")
+    from hd.models.dit import DIT_SIZES  # local: keeps config import light
+    if config.model.name == "dit" and config.model.size not in DIT_SIZES:
+        raise ValueError(f"config.model.size={config.model.size!r} is not one of {tuple(DIT_SIZES)}")
+    if config.model.dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"config.model.dtype={config.model.dtype!r} is not 'float32' or 'bfloat16'")
+    if config.sample.method not in ("euler", "heun"):
+        raise ValueError(f"config.sample.method={config.sample.method!r} is not 'euler' or 'heun'")
+    if config.teacher.time_sampling not in ("uniform", "logit_normal"):
+        raise ValueError(f"config.teacher.time_sampling={config.teacher.time_sampling!r} is not "
+                         "'uniform' or 'logit_normal'")
+    if not 0.0 <= config.teacher.label_dropout < 1.0:
+        raise ValueError(f"config.teacher.label_dropout={config.teacher.label_dropout} must be in [0, 1)")
+    for regex, rule in config.sharding_rules:
+        if rule not in ("fsdp", "replicate"):
+            raise ValueError(f"config.sharding_rules: rule {rule!r} for {regex!r} is not 'fsdp' or 'replicate'")
+
+    data, fsdp = config.mesh.data, config.mesh.fsdp
+    if (data == -1 and fsdp == -1) or min(data, fsdp) < -1 or 0 in (data, fsdp):
+        raise ValueError(f"config.mesh=(data={data}, fsdp={fsdp}): each axis is a positive size or -1, "
+                         "and at most one is -1")
+    fixed = (data if data != -1 else 1) * (fsdp if fsdp != -1 else 1)
+    if num_devices % fixed or (-1 not in (data, fsdp) and fixed != num_devices):
+        raise ValueError(f"config.mesh=(data={data}, fsdp={fsdp}) does not fit {num_devices} devices: "
+                         "the product must equal the device count (use -1 for one axis)")
+    if config.batch_size % num_devices:
+        raise ValueError(f"config.batch_size={config.batch_size} does not divide over {num_devices} devices: "
+                         f"use a multiple of {num_devices}")

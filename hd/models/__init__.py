@@ -1,0 +1,24 @@
+"""Networks. One backbone serves teacher, student, fake score and feature extractor."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import ml_collections
+
+from hd.models.dit import DIT_SIZES, DiT
+from hd.models.mlp import MLP
+
+
+def build_model(model_cfg: ml_collections.ConfigDict, data_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """The velocity network named by `model_cfg.name` for examples of shape `data_shape`."""
+    dtype = {"float32": "float32", "bfloat16": "bfloat16"}[model_cfg.dtype]
+    if model_cfg.name == "dit":
+        hidden, depth, heads = DIT_SIZES[model_cfg.size]
+        return DiT(input_size=data_shape[0], in_channels=data_shape[-1], num_classes=num_classes,
+                   patch_size=model_cfg.patch_size, hidden_size=hidden, depth=depth, num_heads=heads,
+                   mlp_ratio=model_cfg.mlp_ratio, learn_sigma=model_cfg.learn_sigma,
+                   time_scale=model_cfg.time_scale, dtype=dtype)
+    if model_cfg.name == "mlp":
+        return MLP(in_features=data_shape[-1], num_classes=num_classes, width=model_cfg.width,
+                   depth=model_cfg.depth, time_scale=model_cfg.time_scale, dtype=dtype)
+    raise ValueError(f"model.name={model_cfg.name!r} is not one of 'dit', 'mlp'")

@@ -1,0 +1,162 @@
+"""The one training loop every stage runs: config check, mesh, data, state, sharding, compiled step,
+checkpoints, metrics and sample grids, then the loop itself."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from clu import metric_writers, metrics, parameter_overview, periodic_actions
+
+from hd import parallel, visualize
+from hd.checkpoint import Checkpointer, abstract_like
+from hd.config import validate
+from hd.data import make_batch_iterator
+from hd.train.stages import Stage, build_stage
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+class Preempted(SystemExit):
+    """Raised after SIGTERM once a checkpoint is on disk; exit status 143 like a process killed by SIGTERM."""
+
+    def __init__(self):
+        super().__init__(143)
+
+
+def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    path = os.path.join(workdir, "config.json")
+    if jax.process_index() == 0:
+        with open(path + ".tmp", "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+        os.replace(path + ".tmp", path)
+
+
+def grid_inputs(config: ml_collections.ConfigDict, data_shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """Fixed noise and labels for sample grids: one row per class, so grids compare across steps and stages."""
+    if config.data.name == "toy2d":
+        n = 4096
+        labels = jnp.arange(n) % config.data.num_classes
+    else:
+        per_class = config.sample.per_class
+        labels = jnp.repeat(jnp.arange(config.data.num_classes), per_class)
+        n = labels.shape[0]
+    noise = jax.random.normal(jax.random.PRNGKey(config.seed + 12345), (n, *data_shape))
+    return noise, labels.astype(jnp.int32)
+
+
+def render_samples(config: ml_collections.ConfigDict, samples: np.ndarray) -> np.ndarray:
+    if config.data.name == "toy2d":
+        return visualize.points_image(samples)
+    return visualize.image_grid(samples, rows=config.data.num_classes)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Run (or resume) the stage named by `config.stage` in `workdir`; returns the last metrics."""
+    # Config and data are checked before anything is compiled or written.
+    validate(config, jax.device_count())
+    data = make_batch_iterator(config.data, global_batch_size=config.batch_size, seed=config.seed,
+                               process_index=jax.process_index(), process_count=jax.process_count())
+    data_shape = tuple(data.source.example_shape)
+    stage: Stage = build_stage(config, data_shape)
+
+    # Mesh and shardings: parameters and optimizer states by rules, batches over all devices.
+    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
+    rules = tuple(tuple(r) for r in config.sharding_rules)
+    abstract_state = jax.eval_shape(stage.init_state, jax.random.PRNGKey(config.seed))
+    state_sharding = parallel.tree_shardings(abstract_state, mesh, rules)
+    frozen_sharding = parallel.tree_shardings(stage.frozen, mesh, rules)
+    batch_sharding = parallel.batch_sharding(mesh)
+
+    # State: newest complete checkpoint of this work directory, else fresh (or handed over by the stage).
+    os.makedirs(workdir, exist_ok=True)
+    checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
+    if checkpointer.latest_step() is not None:
+        state, data_state = checkpointer.restore(abstract_like(abstract_state, state_sharding))
+        data.set_state(data_state)
+        logging.info("resumed %s from step %d", stage.name, int(state.step))
+    else:
+        state = jax.jit(stage.init_state, out_shardings=state_sharding)(jax.random.PRNGKey(config.seed))
+    frozen = jax.device_put(stage.frozen, frozen_sharding)
+    _write_config(config, workdir)
+
+    train_step = jax.jit(stage.step, in_shardings=(state_sharding, batch_sharding, frozen_sharding),
+                         out_shardings=(state_sharding, parallel.replicated(mesh)), donate_argnums=(0,))
+    sample = jax.jit(stage.sample)
+    grid_noise, grid_labels = grid_inputs(config, data_shape)
+
+    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    if int(state.step) == 0:
+        parameter_overview.log_parameter_overview(state.params)
+        writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()})
+    progress = periodic_actions.ReportProgress(num_train_steps=config.num_steps, writer=writer,
+                                               every_steps=config.log_every)
+
+    def write_samples(step: int) -> None:
+        t0 = time.perf_counter()
+        images = np.asarray(jax.device_get(sample(state, frozen, grid_noise, grid_labels)))
+        grid = render_samples(config, images)
+        if jax.process_index() == 0:
+            visualize.save_png(grid, os.path.join(workdir, "samples", f"step_{step:07d}.png"))
+        writer.write_images(step, {"samples": grid[None]})
+        writer.write_scalars(step, {"sample_seconds": time.perf_counter() - t0})
+
+    preempted = []
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
+    step = int(state.step)
+    collection_type, collection, last = None, None, {}
+    try:
+        with metric_writers.ensure_flushes(writer):
+            while step < config.num_steps:
+                batch = parallel.global_batch(next(data), batch_sharding)
+                with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                    state, step_metrics = train_step(state, batch, frozen)
+                step += 1
+                if collection_type is None:  # every scalar the step returns, averaged over the log interval
+                    collection_type = metrics.Collection.create(
+                        **{k: metrics.Average.from_output(k) for k in step_metrics})
+                update = collection_type.single_from_model_output(**step_metrics)
+                collection = update if collection is None else collection.merge(update)
+                progress(step)
+
+                if step % config.log_every == 0 or step == config.num_steps:
+                    last = {k: float(v) for k, v in collection.compute().items()}
+                    writer.write_scalars(step, last)
+                    collection = None
+                    if int(state.consecutive_skips) >= config.max_consecutive_skips:
+                        raise NonFiniteError(
+                            f"step {step}: {int(state.consecutive_skips)} non-finite updates in a row (limit "
+                            f"config.max_consecutive_skips={config.max_consecutive_skips}); parameters are those "
+                            f"of the last finite update and the checkpoints were left as they were. Lower "
+                            "config.optimizer.lr or check the data.")
+                if step % config.checkpoint_every == 0 or step == config.num_steps or preempted:
+                    checkpointer.save(step, state, data.get_state())
+                if preempted:
+                    checkpointer.wait()
+                    logging.warning("SIGTERM: saved checkpoint at step %d, exiting", step)
+                    raise Preempted()
+                if (config.sample_every and step % config.sample_every == 0) or step == config.num_steps:
+                    write_samples(step)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+        checkpointer.close()
+    return last
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
+    return out
