@@ -24,8 +24,10 @@ def base_config() -> ml_collections.ConfigDict:
         split="train",
         image_key="image",
         label_key="label",
-        toy="8gaussians",
+        toy="8gaussians",  # 8gaussians | checkerboard | moons
         num_classes=10,
+        idx_dir="/usr/share/datasets/fashion-mnist",  # Debian package dataset-fashion-mnist
+        max_in_memory_mb=1024,  # larger splits are read per batch through the TFDS data source
     ))
 
     c.model = ml_collections.ConfigDict(dict(
@@ -57,6 +59,21 @@ def base_config() -> ml_collections.ConfigDict:
     c.teacher = ml_collections.ConfigDict(dict(
         label_dropout=0.1,
         time_sampling="uniform",  # uniform | logit_normal
+    ))
+
+    # Stage 1 (design.md 1.3): MeanFlow distillation of the teacher into a one-step student.
+    c.sketch = ml_collections.ConfigDict(dict(
+        teacher_workdir="",  # work directory of the teacher stage (its newest checkpoint's ema_params)
+        target="teacher",  # teacher: teacher's CFG velocity | data: eps - x (MeanFlow from scratch)
+        cfg_scale=1.0,  # guidance of the teacher target, applied for t in [cfg_t_min, cfg_t_max]
+        cfg_t_min=0.0,
+        cfg_t_max=1.0,
+        fraction_r_neq_t=0.25,
+        time_mean=-0.4,  # logit-normal (t, r) draws
+        time_std=1.0,
+        adaptive_p=1.0,  # loss = mean(d2 / sg(d2 + c)^p)
+        adaptive_c=1e-2,
+        label_dropout=0.1,
     ))
 
     c.log_every = 50
