@@ -46,8 +46,25 @@ def get_config(variant: str = "teacher"):
         c.ema_decay = 0.9999
         c.checkpoint_every = 5000
         c.sample_every = 5000
+    elif variant == "sketch":
+        c.stage = "sketch"
+        c.num_steps = 2000
+        c.optimizer.lr = 2e-4
+        c.optimizer.warmup_steps = 100
+        c.sketch.cfg_scale = 1.5
+        c.sample.num_steps = 1
+    elif variant == "sketch_tiny":
+        c.stage = "sketch"
+        c.model.size = "tiny"
+        c.model.patch_size = 7
+        c.batch_size = 16
+        c.num_steps = 6
+        c.log_every = 2
+        c.checkpoint_every = 3
+        c.sample_every = 0
+        c.sample.num_steps = 1
+        c.sample.per_class = 2
     else:
-        raise ValueError(f"configs/fashion_mnist.py has no variant {variant!r}; use one of: teacher, tiny, S, B")
-    c.stage = "teacher"
+        raise ValueError(f"configs/fashion_mnist.py has no variant {variant!r}; use one of: teacher, tiny, sketch, sketch_tiny, S, B")
     c.lock()
     return c

@@ -36,8 +36,23 @@ def get_config(variant: str = "teacher"):
         c.checkpoint_every = 10
         c.sample_every = 0
         c.sample.num_steps = 4
+    elif variant == "sketch":
+        c.stage = "sketch"
+        c.num_steps = 3000
+        c.optimizer.lr = 1e-3
+        c.sketch.cfg_scale = 1.0
+        c.sample.num_steps = 1
+    elif variant == "sketch_tiny":
+        c.stage = "sketch"
+        c.model.width = 64
+        c.model.depth = 2
+        c.batch_size = 64
+        c.num_steps = 20
+        c.log_every = 5
+        c.checkpoint_every = 10
+        c.sample_every = 0
+        c.sample.num_steps = 1
     else:
-        raise ValueError(f"configs/toy2d.py has no variant {variant!r}; use one of: teacher, tiny")
-    c.stage = "teacher"
+        raise ValueError(f"configs/toy2d.py has no variant {variant!r}; use one of: teacher, tiny, sketch, sketch_tiny")
     c.lock()
     return c

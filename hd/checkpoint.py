@@ -70,14 +70,22 @@ class Checkpointer:
         self._manager.close()
 
 
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape) for path, leaf in flat}
+
+
 def read_items(workdir: str, abstract_items: dict[str, Any], step: int | None = None) -> tuple[dict[str, Any], int]:
     """Read only the named items of another stage's newest complete checkpoint (e.g. the teacher's
-    `ema_params`) without touching that directory. Errors name the directory and what is missing."""
+    `ema_params`) without writing to that directory. Before reading any array, the stored tree is compared with
+    the expected one, so a checkpoint of another architecture is an error naming both."""
     directory = checkpoint_dir(workdir)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"no checkpoints in {directory}: run that stage first (or point the config at "
                                 "the work directory that has them)")
-    with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
+    handlers = {name: ocp.StandardCheckpointHandler() for name in abstract_items}
+    with ocp.CheckpointManager(directory, item_handlers=handlers,
+                               options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
         step = manager.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"{directory} holds no complete checkpoint: finish that stage first")
@@ -85,6 +93,16 @@ def read_items(workdir: str, abstract_items: dict[str, Any], step: int | None = 
         missing = [name for name in abstract_items if name not in present]
         if missing:
             raise FileNotFoundError(f"checkpoint {directory}/{step} lacks items {missing} (has {sorted(present)})")
+        metadata = manager.item_metadata(step)
+        for name, expected in abstract_items.items():
+            want, have = _shapes(expected), _shapes(metadata[name])
+            if want != have:
+                diff = [(p, want.get(p), have.get(p)) for p in sorted(set(want) | set(have))
+                        if want.get(p) != have.get(p)][:5]
+                raise ValueError(
+                    f"checkpoint {directory}/{step} item '{name}' does not match the configured architecture: "
+                    f"{len(have)} arrays stored vs {len(want)} expected; first differences (path, expected shape, stored shape): {diff}. "
+                    "Make config.model match the stage that wrote it.")
         restored = manager.restore(step, args=ocp.args.Composite(
             **{name: ocp.args.StandardRestore(value) for name, value in abstract_items.items()}))
         return {name: restored[name] for name in abstract_items}, step

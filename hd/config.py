@@ -127,6 +127,20 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
                          "'uniform' or 'logit_normal'")
     if not 0.0 <= config.teacher.label_dropout < 1.0:
         raise ValueError(f"config.teacher.label_dropout={config.teacher.label_dropout} must be in [0, 1)")
+    if config.stage == "sketch":
+        sk = config.sketch
+        if sk.target not in ("teacher", "data"):
+            raise ValueError(f"config.sketch.target={sk.target!r} is not 'teacher' or 'data'")
+        if sk.target == "teacher" and not sk.teacher_workdir:
+            raise ValueError("config.sketch.teacher_workdir is empty: set it to the work directory of a finished "
+                             "teacher stage (or use --config.sketch.target=data to train from data alone)")
+        if not 0.0 <= sk.fraction_r_neq_t <= 1.0:
+            raise ValueError(f"config.sketch.fraction_r_neq_t={sk.fraction_r_neq_t} must be in [0, 1]")
+        if not 0.0 <= sk.cfg_t_min <= sk.cfg_t_max <= 1.0:
+            raise ValueError(f"config.sketch.cfg_t_min={sk.cfg_t_min}, cfg_t_max={sk.cfg_t_max} must satisfy "
+                             "0 <= min <= max <= 1")
+        if sk.time_std <= 0 or sk.adaptive_c <= 0 or sk.adaptive_p < 0:
+            raise ValueError("config.sketch.time_std and adaptive_c must be > 0, adaptive_p >= 0")
     for regex, rule in config.sharding_rules:
         if rule not in ("fsdp", "replicate"):
             raise ValueError(f"config.sharding_rules: rule {rule!r} for {regex!r} is not 'fsdp' or 'replicate'")

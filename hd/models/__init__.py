@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import flax.linen as nn
 import ml_collections
 
@@ -22,3 +24,13 @@ def build_model(model_cfg: ml_collections.ConfigDict, data_shape: tuple[int, ...
         return MLP(in_features=data_shape[-1], num_classes=num_classes, width=model_cfg.width,
                    depth=model_cfg.depth, time_scale=model_cfg.time_scale, dtype=dtype)
     raise ValueError(f"model.name={model_cfg.name!r} is not one of 'dit', 'mlp'")
+
+
+def velocity_apply(model: nn.Module) -> Callable:
+    """(params, z, t, y) -> instantaneous velocity (h = 0)."""
+    return lambda params, z, t, y: model.apply({"params": params}, z, t, t * 0, y)
+
+
+def average_velocity_apply(model: nn.Module) -> Callable:
+    """(params, z, r, t, y) -> average velocity over [r, t]: the backbone conditioned on t and h = t - r."""
+    return lambda params, z, r, t, y: model.apply({"params": params}, z, t, t - r, y)

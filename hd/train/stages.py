@@ -12,8 +12,9 @@ import jax.numpy as jnp
 import ml_collections
 
 from hd import flow
-from hd.models import build_model
+from hd.models import average_velocity_apply, build_model, velocity_apply
 from hd.train import steps
+from hd.checkpoint import read_items
 from hd.train.state import TrainState, make_optimizer
 
 
@@ -27,24 +28,21 @@ class Stage:
     sample_nfe: int = 1
 
 
-def model_apply(model) -> Callable:
-    """(params, z, t, h, y) -> v for a Flax velocity network."""
-    return lambda params, z, t, h, y: model.apply({"params": params}, z, t, h, y)
-
-
 def init_params(model, key: jax.Array, data_shape: tuple[int, ...]) -> Any:
     x = jnp.zeros((1, *data_shape), jnp.float32)
     t = jnp.zeros((1,), jnp.float32)
     return model.init(key, x, t, t, jnp.zeros((1,), jnp.int32))["params"]
 
 
-def ode_sampler(apply_fn: Callable, config: ml_collections.ConfigDict, num_steps: int, method: str,
-                cfg_scale: float) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
-    """(params, noise, labels) -> samples of the multi-step ODE sampler with CFG."""
+def ode_sampler(model, num_classes: int, num_steps: int, method: str, cfg_scale: float
+                ) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
+    """(params, noise, labels) -> samples of the multi-step ODE sampler with CFG, for any parameters
+    (teacher, its EMA, a fake score)."""
+    apply_fn = velocity_apply(model)
 
     def sample(params, noise, labels):
-        velocity = lambda z, t, y: apply_fn(params, z, t, jnp.zeros_like(t), y)
-        guided = flow.guided_velocity(velocity, config.data.num_classes, cfg_scale)
+        velocity = lambda z, t, y: apply_fn(params, z, t, y)
+        guided = flow.guided_velocity(velocity, num_classes, cfg_scale)
         return flow.sample_ode(guided, noise, labels, num_steps=num_steps, method=method)
 
     return sample
@@ -52,21 +50,74 @@ def ode_sampler(apply_fn: Callable, config: ml_collections.ConfigDict, num_steps
 
 def teacher_stage(config: ml_collections.ConfigDict, data_shape: tuple[int, ...]) -> Stage:
     model = build_model(config.model, data_shape, config.data.num_classes)
-    apply_fn = model_apply(model)
-    optimizer = make_optimizer(config.optimizer, config.num_steps)
-    sampler = ode_sampler(apply_fn, config, config.sample.num_steps, config.sample.method, config.sample.cfg_scale)
+    optimizer = make_optimizer(config.optimizer, frozen_prefixes=("h_embedder",))  # h = 0 in this stage
+    sampler = ode_sampler(model, config.data.num_classes, config.sample.num_steps, config.sample.method,
+                          config.sample.cfg_scale)
     return Stage(
         name="teacher",
         init_state=lambda key: TrainState.create(init_params(model, key, data_shape), optimizer),
-        step=lambda state, batch, frozen: steps.teacher_step(state, batch, apply_fn=apply_fn, optimizer=optimizer,
+        step=lambda state, batch, frozen: steps.teacher_step(state, batch, model=model, optimizer=optimizer,
                                                              config=config),
         sample=lambda state, frozen, noise, labels: sampler(state.ema_params, noise, labels),
         sample_nfe=flow.ode_nfe(config.sample.num_steps, config.sample.method),
     )
 
 
+def mean_flow_sampler(model, num_steps: int) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
+    """(params, noise, labels) -> samples after `num_steps` mean-flow jumps (1 = one network evaluation)."""
+    apply_fn = average_velocity_apply(model)
+
+    def sample(params, noise, labels):
+        average_velocity = lambda z, r, t, y: apply_fn(params, z, r, t, y)
+        return flow.sample_mean_flow(average_velocity, noise, labels, num_steps=num_steps)
+
+    return sample
+
+
+def load_teacher(config: ml_collections.ConfigDict, model, data_shape: tuple[int, ...], workdir: str) -> Any:
+    """The teacher's EMA parameters from the newest checkpoint of its work directory, checked against the
+    configured architecture before any array is read."""
+    if not workdir:
+        raise ValueError(f"config.stage={config.stage!r} needs the teacher's work directory: set "
+                         "--config.sketch.teacher_workdir=DIR (a finished teacher stage)")
+    abstract = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0), data_shape))
+    items, step = read_items(workdir, {"ema_params": abstract})
+    return items["ema_params"]
+
+
+def student_from_teacher(teacher_params: Any) -> Any:
+    """A copy of the teacher with the h-embedding's output layer at zero: at r = t it is the teacher."""
+    params = jax.tree.map(jnp.array, teacher_params)
+    params["h_embedder"]["mlp_2"] = jax.tree.map(jnp.zeros_like, params["h_embedder"]["mlp_2"])
+    return params
+
+
+def sketch_stage(config: ml_collections.ConfigDict, data_shape: tuple[int, ...]) -> Stage:
+    model = build_model(config.model, data_shape, config.data.num_classes)
+    # MeanFlow from data alone (target 'data') may start from scratch when no teacher is named.
+    teacher_params = None
+    if config.sketch.target == "teacher" or config.sketch.teacher_workdir:
+        teacher_params = load_teacher(config, model, data_shape, config.sketch.teacher_workdir)
+    optimizer = make_optimizer(config.optimizer)
+    sampler = mean_flow_sampler(model, config.sample.num_steps)
+
+    def init_state(key):
+        params = init_params(model, key, data_shape) if teacher_params is None else student_from_teacher(teacher_params)
+        return TrainState.create(params, optimizer)
+
+    return Stage(
+        name="sketch",
+        init_state=init_state,
+        step=lambda state, batch, teacher: steps.sketch_step(
+            state, batch, teacher, model=model, optimizer=optimizer, config=config),
+        sample=lambda state, frozen, noise, labels: sampler(state.ema_params, noise, labels),
+        frozen=teacher_params,
+        sample_nfe=config.sample.num_steps,
+    )
+
+
 def build_stage(config: ml_collections.ConfigDict, data_shape: tuple[int, ...]) -> Stage:
-    builders = {"teacher": teacher_stage}
+    builders = {"teacher": teacher_stage, "sketch": sketch_stage}
     if config.stage not in builders:
         raise ValueError(f"config.stage={config.stage!r} has no trainer yet; available: {sorted(builders)}")
     return builders[config.stage](config, data_shape)

@@ -26,15 +26,22 @@ class TrainState:
                    total_skips=jnp.zeros((), jnp.int32))
 
 
-def make_optimizer(opt_cfg: Any, num_steps: int) -> optax.GradientTransformation:
-    """AdamW with linear warm-up to a constant rate, after global-norm clipping."""
+def make_optimizer(opt_cfg: Any, frozen_prefixes: tuple[str, ...] = ()) -> optax.GradientTransformation:
+    """AdamW with linear warm-up to a constant rate, after global-norm clipping. Parameters whose top-level
+    name starts with one of `frozen_prefixes` get zero updates (the teacher never trains its h-embedding,
+    so the student copied from it still starts with that embedding's output at exactly zero)."""
     schedule = optax.join_schedules(
         [optax.linear_schedule(0.0, opt_cfg.lr, max(opt_cfg.warmup_steps, 1)), optax.constant_schedule(opt_cfg.lr)],
         [max(opt_cfg.warmup_steps, 1)])
-    return optax.chain(
+    train = optax.chain(
         optax.clip_by_global_norm(opt_cfg.grad_clip) if opt_cfg.grad_clip > 0 else optax.identity(),
         optax.adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, weight_decay=opt_cfg.weight_decay),
     )
+    if not frozen_prefixes:
+        return train
+    labels = lambda params: {k: jax.tree.map(lambda _: "frozen" if k.startswith(frozen_prefixes) else "train", v)
+                             for k, v in params.items()}
+    return optax.multi_transform({"train": train, "frozen": optax.set_to_zero()}, labels)
 
 
 def ema_update(ema: Any, params: Any, decay: jax.Array) -> Any:

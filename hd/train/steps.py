@@ -9,7 +9,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from hd import flow
+from hd.models import average_velocity_apply, velocity_apply
 from hd.objectives.flow_matching import flow_matching_loss
+from hd.objectives.meanflow import meanflow_loss
 from hd.train.state import TrainState, ema_update
 
 LossFn = Callable[[Any, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
@@ -40,11 +43,30 @@ def apply_gradients(state: TrainState, loss_fn: LossFn, key: jax.Array, optimize
     return new_state, metrics
 
 
-def teacher_step(state: TrainState, batch: dict[str, jax.Array], *, apply_fn: Callable, optimizer, config
+def teacher_step(state: TrainState, batch: dict[str, jax.Array], *, model, optimizer, config
                  ) -> tuple[TrainState, dict[str, jax.Array]]:
     def loss_fn(params, key):
-        return flow_matching_loss(apply_fn, params, batch, key, null_label=config.data.num_classes,
+        return flow_matching_loss(velocity_apply(model), params, batch, key, null_label=config.data.num_classes,
                                   label_dropout=config.teacher.label_dropout,
                                   time_sampling=config.teacher.time_sampling)
+
+    return apply_gradients(state, loss_fn, step_key(config.seed, state.step), optimizer, config.ema_decay)
+
+
+def sketch_step(state: TrainState, batch: dict[str, jax.Array], teacher_params: Any, *, model, optimizer, config
+                ) -> tuple[TrainState, dict[str, jax.Array]]:
+    """MeanFlow update of the student; the teacher's parameters are an input, never differentiated."""
+    cfg = config.sketch
+    target = None
+    if cfg.target == "teacher":
+        teacher = lambda z, t, y: velocity_apply(model)(teacher_params, z, t, y)
+        target = flow.guided_velocity(teacher, config.data.num_classes, cfg.cfg_scale, (cfg.cfg_t_min, cfg.cfg_t_max))
+    student = average_velocity_apply(model)
+
+    def loss_fn(params, key):
+        return meanflow_loss(student, params, batch, key, target_velocity=target, null_label=config.data.num_classes,
+                             label_dropout=cfg.label_dropout, time_mean=cfg.time_mean, time_std=cfg.time_std,
+                             fraction_r_neq_t=cfg.fraction_r_neq_t, adaptive_p=cfg.adaptive_p,
+                             adaptive_c=cfg.adaptive_c)
 
     return apply_gradients(state, loss_fn, step_key(config.seed, state.step), optimizer, config.ema_decay)
