@@ -64,7 +64,27 @@ def get_config(variant: str = "teacher"):
         c.sample_every = 0
         c.sample.num_steps = 1
         c.sample.per_class = 2
+    elif variant == "refine":
+        c.stage = "refine"
+        c.num_steps = 1000
+        c.optimizer.lr = 2e-5
+        c.optimizer.warmup_steps = 0
+        c.refine.critic_lr = 2e-4
+        c.refine.real_cfg_scale = 1.5
+        c.sample.num_steps = 1
+    elif variant == "refine_tiny":
+        c.stage = "refine"
+        c.model.size = "tiny"
+        c.model.patch_size = 7
+        c.batch_size = 16
+        c.num_steps = 6
+        c.log_every = 2
+        c.checkpoint_every = 3
+        c.sample_every = 0
+        c.sample.num_steps = 1
+        c.sample.per_class = 2
+        c.refine.generator_every = 2
     else:
-        raise ValueError(f"configs/fashion_mnist.py has no variant {variant!r}; use one of: teacher, tiny, sketch, sketch_tiny, S, B")
+        raise ValueError(f"configs/fashion_mnist.py has no variant {variant!r}; use one of: teacher, tiny, sketch, sketch_tiny, refine, refine_tiny, S, B")
     c.lock()
     return c

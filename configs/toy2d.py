@@ -52,7 +52,26 @@ def get_config(variant: str = "teacher"):
         c.checkpoint_every = 10
         c.sample_every = 0
         c.sample.num_steps = 1
+    elif variant == "refine":
+        c.stage = "refine"
+        c.num_steps = 2000
+        c.optimizer.lr = 1e-4
+        c.optimizer.warmup_steps = 0
+        c.refine.critic_lr = 1e-3
+        c.refine.real_cfg_scale = 1.0
+        c.sample.num_steps = 1
+    elif variant == "refine_tiny":
+        c.stage = "refine"
+        c.model.width = 64
+        c.model.depth = 2
+        c.batch_size = 64
+        c.num_steps = 20
+        c.log_every = 5
+        c.checkpoint_every = 10
+        c.sample_every = 0
+        c.sample.num_steps = 1
+        c.refine.generator_every = 2
     else:
-        raise ValueError(f"configs/toy2d.py has no variant {variant!r}; use one of: teacher, tiny, sketch, sketch_tiny")
+        raise ValueError(f"configs/toy2d.py has no variant {variant!r}; use one of: teacher, tiny, sketch, sketch_tiny, refine, refine_tiny")
     c.lock()
     return c

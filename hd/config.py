@@ -76,6 +76,27 @@ def base_config() -> ml_collections.ConfigDict:
         label_dropout=0.1,
     ))
 
+    # Stage 2 (design.md 1.4): DMD with an adversarial head, starting from the sketch.
+    c.refine = ml_collections.ConfigDict(dict(
+        teacher_workdir="",  # frozen real score; the fake score starts as a copy
+        sketch_workdir="",  # generator initialisation (its ema_params)
+        generator_init="sketch",  # sketch | teacher (the DMD-only baseline)
+        real_cfg_scale=1.5,
+        t_min=0.02,
+        t_max=0.98,
+        generator_every=5,  # two time-scale update: the critic updates every step, the generator every k-th
+        critic_lr=1e-4,
+        gan_head="awd",  # awd | gap | conv | none
+        awd_weighting="attention",  # attention | logit
+        awd_heads=1,
+        awd_temperature=1.0,
+        head_width=128,
+        feature_net="fake_score",  # fake_score (DMD2) | teacher (LADD-style)
+        feature_block=-1,  # block whose tokens the head reads; -1 = the middle block
+        gan_weight_generator=3e-3,
+        gan_weight_critic=1e-2,
+    ))
+
     c.log_every = 50
     c.checkpoint_every = 500
     c.keep_checkpoints = 3
@@ -101,7 +122,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         raise ValueError(f"config.stage={config.stage!r} is not one of {STAGES}")
     _positive(config, ("batch_size", "num_steps", "log_every", "checkpoint_every", "keep_checkpoints",
                        "optimizer.lr", "max_consecutive_skips", "sample.num_steps", "sample.per_class",
-                       "data.num_classes"))
+                       "data.num_classes", "model.patch_size", "model.width", "model.depth", "model.mlp_ratio"))
     if not 0.0 <= config.ema_decay < 1.0:
         raise ValueError(f"config.ema_decay={config.ema_decay} must be in [0, 1)")
     if config.optimizer.warmup_steps < 0 or config.sample_every < 0:
@@ -141,6 +162,30 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
                              "0 <= min <= max <= 1")
         if sk.time_std <= 0 or sk.adaptive_c <= 0 or sk.adaptive_p < 0:
             raise ValueError("config.sketch.time_std and adaptive_c must be > 0, adaptive_p >= 0")
+    if config.stage == "refine":
+        rf = config.refine
+        if not rf.teacher_workdir:
+            raise ValueError("config.refine.teacher_workdir is empty: set it to the work directory of a finished "
+                             "teacher stage (the real score)")
+        if rf.generator_init not in ("sketch", "teacher"):
+            raise ValueError(f"config.refine.generator_init={rf.generator_init!r} is not 'sketch' or 'teacher'")
+        if rf.generator_init == "sketch" and not rf.sketch_workdir:
+            raise ValueError("config.refine.sketch_workdir is empty: set it to a finished sketch stage, or use "
+                             "--config.refine.generator_init=teacher for the DMD-only baseline")
+        if rf.gan_head not in ("awd", "gap", "conv", "none"):
+            raise ValueError(f"config.refine.gan_head={rf.gan_head!r} is not one of 'awd', 'gap', 'conv', 'none'")
+        if rf.awd_weighting not in ("attention", "logit"):
+            raise ValueError(f"config.refine.awd_weighting={rf.awd_weighting!r} is not 'attention' or 'logit'")
+        if rf.feature_net not in ("fake_score", "teacher"):
+            raise ValueError(f"config.refine.feature_net={rf.feature_net!r} is not 'fake_score' or 'teacher'")
+        if not 0.0 <= rf.t_min < rf.t_max <= 1.0:
+            raise ValueError(f"config.refine.t_min={rf.t_min}, t_max={rf.t_max} must satisfy 0 <= min < max <= 1")
+        _positive(config, ("refine.generator_every", "refine.critic_lr", "refine.awd_heads",
+                           "refine.awd_temperature", "refine.head_width"))
+        depth = config.model.depth if config.model.name == "mlp" else DIT_SIZES[config.model.size][1]
+        if not -1 <= rf.feature_block < depth:
+            raise ValueError(f"config.refine.feature_block={rf.feature_block} is outside the model's {depth} "
+                             "blocks (-1 = the middle one)")
     for regex, rule in config.sharding_rules:
         if rule not in ("fsdp", "replicate"):
             raise ValueError(f"config.sharding_rules: rule {rule!r} for {regex!r} is not 'fsdp' or 'replicate'")

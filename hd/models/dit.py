@@ -147,6 +147,9 @@ class DiT(nn.Module):
                  *, return_tokens_at: int | None = None):
         if x.shape[1] != self.input_size or x.shape[2] != self.input_size:
             raise ValueError(f"DiT built for {self.input_size}x{self.input_size} inputs, got {x.shape}")
+        if self.input_size % self.patch_size:
+            raise ValueError(f"patch_size={self.patch_size} does not tile {self.input_size}x{self.input_size} "
+                             "inputs (config.model.patch_size must divide the image size)")
         if return_tokens_at is not None and not 0 <= return_tokens_at < self.depth:
             raise ValueError(f"return_tokens_at={return_tokens_at} outside the {self.depth} blocks")
         p, d = self.patch_size, self.hidden_size

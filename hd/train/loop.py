@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import time
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +15,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 from clu import metric_writers, metrics, parameter_overview, periodic_actions
+from jax.sharding import Mesh, NamedSharding
 
 from hd import parallel, visualize
 from hd.checkpoint import Checkpointer, abstract_like
@@ -60,6 +62,30 @@ def render_samples(config: ml_collections.ConfigDict, samples: np.ndarray) -> np
     return visualize.image_grid(samples, rows=config.data.num_classes)
 
 
+def interval_averages(step_metrics: dict[str, jax.Array]) -> dict[str, metrics.Average]:
+    """Every scalar a step returns, as a clu Average over the logging interval. Metrics named 'generator/...'
+    count only on steps that updated the generator (flag `generator_updated`, two time-scale refine)."""
+    updated = step_metrics.get("generator_updated")
+    return {k: metrics.Average.from_model_output(
+        v[None], mask=updated[None] if (updated is not None and k.startswith("generator/")) else None)
+        for k, v in step_metrics.items()}
+
+
+def compile_train_step(stage: Stage, mesh: Mesh, rules: Sequence[tuple[str, str]], abstract_state: Any
+                       ) -> tuple[Callable, Any, Any, NamedSharding]:
+    """The jitted step as the loop runs it: state and frozen trees sharded by the regex `rules`, batches split
+    over every device, metrics replicated, the input state donated.
+
+    Returns (step, state_sharding, frozen_sharding, batch_sharding); `step(state, batch, frozen)`.
+    """
+    state_sharding = parallel.tree_shardings(abstract_state, mesh, rules)
+    frozen_sharding = parallel.tree_shardings(stage.frozen, mesh, rules)
+    batch_sharding = parallel.batch_sharding(mesh)
+    step = jax.jit(stage.step, in_shardings=(state_sharding, batch_sharding, frozen_sharding),
+                   out_shardings=(state_sharding, parallel.replicated(mesh)), donate_argnums=(0,))
+    return step, state_sharding, frozen_sharding, batch_sharding
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Run (or resume) the stage named by `config.stage` in `workdir`; returns the last metrics."""
     # Config and data are checked before anything is compiled or written.
@@ -73,9 +99,22 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
     rules = tuple(tuple(r) for r in config.sharding_rules)
     abstract_state = jax.eval_shape(stage.init_state, jax.random.PRNGKey(config.seed))
-    state_sharding = parallel.tree_shardings(abstract_state, mesh, rules)
-    frozen_sharding = parallel.tree_shardings(stage.frozen, mesh, rules)
-    batch_sharding = parallel.batch_sharding(mesh)
+    train_step, state_sharding, frozen_sharding, batch_sharding = compile_train_step(
+        stage, mesh, rules, abstract_state)
+    sample = jax.jit(stage.sample)
+    grid_noise, grid_labels = grid_inputs(config, data_shape)
+
+    # Compile the step and trace the sampler before the work directory is touched, so a value that only fails
+    # here (e.g. a patch size that does not tile the image) leaves an existing run as it was. The jit cache
+    # reuses this compilation for the first real step.
+    first = data.get_state()
+    probe = next(data)
+    data.set_state(first)
+    abstract_batch = {k: jax.ShapeDtypeStruct((config.batch_size, *v.shape[1:]), v.dtype, sharding=batch_sharding)
+                      for k, v in probe.items()}
+    train_step.lower(abstract_like(abstract_state, state_sharding), abstract_batch,
+                     abstract_like(stage.frozen, frozen_sharding)).compile()
+    jax.eval_shape(stage.sample, abstract_state, stage.frozen, grid_noise, grid_labels)
 
     # State: newest complete checkpoint of this work directory, else fresh (or handed over by the stage).
     os.makedirs(workdir, exist_ok=True)
@@ -88,11 +127,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         state = jax.jit(stage.init_state, out_shardings=state_sharding)(jax.random.PRNGKey(config.seed))
     frozen = jax.device_put(stage.frozen, frozen_sharding)
     _write_config(config, workdir)
-
-    train_step = jax.jit(stage.step, in_shardings=(state_sharding, batch_sharding, frozen_sharding),
-                         out_shardings=(state_sharding, parallel.replicated(mesh)), donate_argnums=(0,))
-    sample = jax.jit(stage.sample)
-    grid_noise, grid_labels = grid_inputs(config, data_shape)
 
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     if int(state.step) == 0:
@@ -113,7 +147,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     preempted = []
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
     step = int(state.step)
-    collection_type, collection, last = None, None, {}
+    averages, last = None, {}
     try:
         with metric_writers.ensure_flushes(writer):
             while step < config.num_steps:
@@ -121,17 +155,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 with jax.profiler.StepTraceAnnotation("train", step_num=step):
                     state, step_metrics = train_step(state, batch, frozen)
                 step += 1
-                if collection_type is None:  # every scalar the step returns, averaged over the log interval
-                    collection_type = metrics.Collection.create(
-                        **{k: metrics.Average.from_output(k) for k in step_metrics})
-                update = collection_type.single_from_model_output(**step_metrics)
-                collection = update if collection is None else collection.merge(update)
+                update = interval_averages(step_metrics)
+                averages = update if averages is None else {k: averages[k].merge(update[k]) for k in update}
                 progress(step)
 
                 if step % config.log_every == 0 or step == config.num_steps:
-                    last = {k: float(v) for k, v in collection.compute().items()}
+                    last = {k: float(v.compute()) for k, v in averages.items()}
                     writer.write_scalars(step, last)
-                    collection = None
+                    averages = None
                     if int(state.consecutive_skips) >= config.max_consecutive_skips:
                         raise NonFiniteError(
                             f"step {step}: {int(state.consecutive_skips)} non-finite updates in a row (limit "

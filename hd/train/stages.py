@@ -13,9 +13,11 @@ import ml_collections
 
 from hd import flow
 from hd.models import average_velocity_apply, build_model, velocity_apply
+from hd.models.dit import DIT_SIZES
+from hd.models.heads import build_head
 from hd.train import steps
 from hd.checkpoint import read_items
-from hd.train.state import TrainState, make_optimizer
+from hd.train.state import RefineState, TrainState, make_optimizer
 
 
 @dataclasses.dataclass
@@ -74,12 +76,9 @@ def mean_flow_sampler(model, num_steps: int) -> Callable[[Any, jax.Array, jax.Ar
     return sample
 
 
-def load_teacher(config: ml_collections.ConfigDict, model, data_shape: tuple[int, ...], workdir: str) -> Any:
+def load_teacher(model, data_shape: tuple[int, ...], workdir: str) -> Any:
     """The teacher's EMA parameters from the newest checkpoint of its work directory, checked against the
     configured architecture before any array is read."""
-    if not workdir:
-        raise ValueError(f"config.stage={config.stage!r} needs the teacher's work directory: set "
-                         "--config.sketch.teacher_workdir=DIR (a finished teacher stage)")
     abstract = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0), data_shape))
     items, step = read_items(workdir, {"ema_params": abstract})
     return items["ema_params"]
@@ -97,7 +96,7 @@ def sketch_stage(config: ml_collections.ConfigDict, data_shape: tuple[int, ...])
     # MeanFlow from data alone (target 'data') may start from scratch when no teacher is named.
     teacher_params = None
     if config.sketch.target == "teacher" or config.sketch.teacher_workdir:
-        teacher_params = load_teacher(config, model, data_shape, config.sketch.teacher_workdir)
+        teacher_params = load_teacher(model, data_shape, config.sketch.teacher_workdir)
     optimizer = make_optimizer(config.optimizer)
     sampler = mean_flow_sampler(model, config.sample.num_steps)
 
@@ -116,8 +115,65 @@ def sketch_stage(config: ml_collections.ConfigDict, data_shape: tuple[int, ...])
     )
 
 
+def model_depth(config: ml_collections.ConfigDict) -> int:
+    return config.model.depth if config.model.name == "mlp" else DIT_SIZES[config.model.size][1]
+
+
+def refine_stage(config: ml_collections.ConfigDict, data_shape: tuple[int, ...]) -> Stage:
+    cfg = config.refine
+    model = build_model(config.model, data_shape, config.data.num_classes)
+    teacher_params = load_teacher(model, data_shape, cfg.teacher_workdir)
+    if cfg.generator_init == "sketch":
+        abstract = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0), data_shape))
+        generator = read_items(cfg.sketch_workdir, {"ema_params": abstract})[0]["ema_params"]
+    else:
+        generator = student_from_teacher(teacher_params)
+    feature_block = model_depth(config) // 2 if cfg.feature_block == -1 else cfg.feature_block
+    config = copy_with(config, {"refine.feature_block": feature_block})
+    head = None if cfg.gan_head == "none" else build_head(
+        cfg.gan_head, width=cfg.head_width,
+        **(dict(weighting=cfg.awd_weighting, num_heads=cfg.awd_heads, temperature=cfg.awd_temperature)
+           if cfg.gan_head == "awd" else {}))
+    optimizer = make_optimizer(config.optimizer)
+    critic_optimizer = make_optimizer(copy_with(config.optimizer, {"lr": cfg.critic_lr}))
+    sampler = mean_flow_sampler(model, config.sample.num_steps)
+
+    def init_state(key):
+        critic = {"fake_score": jax.tree.map(jnp.array, teacher_params)}
+        if head is not None:
+            x = jnp.zeros((1, *data_shape))
+            t = jnp.zeros((1,))
+            _, tokens = model.apply({"params": teacher_params}, x, t, t, jnp.zeros((1,), jnp.int32),
+                                    return_tokens_at=feature_block)
+            critic["head"] = head.init(key, tokens)["params"]
+        return RefineState.create(jax.tree.map(jnp.array, generator), critic, optimizer, critic_optimizer)
+
+    return Stage(
+        name="refine",
+        init_state=init_state,
+        step=lambda state, batch, teacher: steps.refine_step(
+            state, batch, teacher, model=model, head=head, optimizer=optimizer, critic_optimizer=critic_optimizer,
+            config=config),
+        sample=lambda state, frozen, noise, labels: sampler(state.ema_params, noise, labels),
+        frozen=teacher_params,
+        sample_nfe=config.sample.num_steps,
+    )
+
+
+def copy_with(config: ml_collections.ConfigDict, updates: dict[str, Any]) -> ml_collections.ConfigDict:
+    """An unlocked copy of `config` with dotted keys replaced (derived values the stage fills in)."""
+    out = ml_collections.ConfigDict(config.to_dict())
+    for dotted, value in updates.items():
+        *parents, leaf = dotted.split(".")
+        node = out
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return out
+
+
 def build_stage(config: ml_collections.ConfigDict, data_shape: tuple[int, ...]) -> Stage:
-    builders = {"teacher": teacher_stage, "sketch": sketch_stage}
+    builders = {"teacher": teacher_stage, "sketch": sketch_stage, "refine": refine_stage}
     if config.stage not in builders:
         raise ValueError(f"config.stage={config.stage!r} has no trainer yet; available: {sorted(builders)}")
     return builders[config.stage](config, data_shape)

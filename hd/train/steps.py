@@ -10,10 +10,14 @@ import jax.numpy as jnp
 import optax
 
 from hd import flow
+from hd.flow import interpolate
 from hd.models import average_velocity_apply, velocity_apply
 from hd.objectives.flow_matching import flow_matching_loss
+from hd.models.heads import discriminator_output, weight_entropy
+from hd.objectives.adversarial import discriminator_loss, generator_adversarial_loss
+from hd.objectives.dmd import dmd_generator_loss
 from hd.objectives.meanflow import meanflow_loss
-from hd.train.state import TrainState, ema_update
+from hd.train.state import RefineState, TrainState, ema_update
 
 LossFn = Callable[[Any, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
 
@@ -23,24 +27,36 @@ def step_key(seed: int, step: jax.Array) -> jax.Array:
     return jax.random.fold_in(jax.random.PRNGKey(seed), step)
 
 
-def apply_gradients(state: TrainState, loss_fn: LossFn, key: jax.Array, optimizer: optax.GradientTransformation,
-                    ema_decay: float) -> tuple[TrainState, dict[str, jax.Array]]:
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, key)
+def guarded_update(loss_fn: LossFn, params: Any, opt_state: Any, key: jax.Array,
+                   optimizer: optax.GradientTransformation) -> tuple[Any, Any, jax.Array, dict[str, jax.Array]]:
+    """One optimizer update of `params` (the only tree differentiated); when the loss or the gradient is not
+    finite the old parameters and optimizer state are returned and `finite` is False."""
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, key)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    # EMA warm-up: early averages would otherwise be dominated by the random initialisation.
-    decay = jnp.minimum(ema_decay, (1.0 + state.step) / (10.0 + state.step))
-    ema = ema_update(state.ema_params, params, decay)
+    updates, new_opt_state = optimizer.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    return keep(new_params, params), keep(new_opt_state, opt_state), finite, dict(metrics, grad_norm=grad_norm)
+
+
+def ema_decay_at(step: jax.Array, ema_decay: float) -> jax.Array:
+    """EMA warm-up: early averages would otherwise be dominated by the initialisation."""
+    return jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
+
+
+def count_skips(state: Any, finite: jax.Array) -> dict[str, jax.Array]:
     skip = (~finite).astype(jnp.int32)
-    new_state = state.replace(
-        step=state.step + 1, params=keep(params, state.params), ema_params=keep(ema, state.ema_params),
-        opt_state=keep(opt_state, state.opt_state),
-        consecutive_skips=(state.consecutive_skips + 1) * skip, total_skips=state.total_skips + skip)
-    metrics = dict(metrics, grad_norm=grad_norm, skipped=skip.astype(jnp.float32))
-    return new_state, metrics
+    return dict(step=state.step + 1, consecutive_skips=(state.consecutive_skips + 1) * skip,
+                total_skips=state.total_skips + skip)
+
+
+def apply_gradients(state: TrainState, loss_fn: LossFn, key: jax.Array, optimizer: optax.GradientTransformation,
+                    ema_decay: float) -> tuple[TrainState, dict[str, jax.Array]]:
+    params, opt_state, finite, metrics = guarded_update(loss_fn, state.params, state.opt_state, key, optimizer)
+    ema = ema_update(state.ema_params, params, ema_decay_at(state.step, ema_decay))
+    new_state = state.replace(params=params, opt_state=opt_state, ema_params=ema, **count_skips(state, finite))
+    return new_state, dict(metrics, skipped=(~finite).astype(jnp.float32))
 
 
 def teacher_step(state: TrainState, batch: dict[str, jax.Array], *, model, optimizer, config
@@ -70,3 +86,89 @@ def sketch_step(state: TrainState, batch: dict[str, jax.Array], teacher_params: 
                              adaptive_c=cfg.adaptive_c)
 
     return apply_gradients(state, loss_fn, step_key(config.seed, state.step), optimizer, config.ema_decay)
+
+
+def one_step_generate(model, params: Any, noise: jax.Array, y: jax.Array) -> jax.Array:
+    """x = eps - u(eps, r=0, t=1, y): the one-step generator of stages 1 and 2."""
+    ones = jnp.ones((noise.shape[0],), noise.dtype)
+    return noise - average_velocity_apply(model)(params, noise, ones * 0, ones, y)
+
+
+def refine_step(state: RefineState, batch: dict[str, jax.Array], teacher_params: Any, *, model, head,
+                optimizer, critic_optimizer, config) -> tuple[RefineState, dict[str, jax.Array]]:
+    """Every step updates the critic (fake score + head); every k-th step first updates the generator.
+    Each update differentiates exactly one tree: the generator's, or the critic's."""
+    cfg = config.refine
+    null = config.data.num_classes
+    y = batch["y"]
+    k_gen, k_critic = jax.random.split(step_key(config.seed, state.step))
+    velocity = velocity_apply(model)
+    real_velocity = flow.guided_velocity(lambda z, t, c: velocity(teacher_params, z, t, c), null, cfg.real_cfg_scale)
+    use_gan = cfg.gan_head != "none"
+    noise_level = lambda key: jax.random.uniform(key, (y.shape[0],), minval=cfg.t_min, maxval=cfg.t_max)
+
+    def discriminate(critic_params, x, t, *, for_generator):
+        features = critic_params["fake_score"] if cfg.feature_net == "fake_score" else teacher_params
+        _, tokens = model.apply({"params": features}, x, t, t * 0, y, return_tokens_at=cfg.feature_block)
+        logits, weights = head.apply({"params": critic_params["head"]}, tokens, for_generator=for_generator)
+        return discriminator_output(logits, weights), weights
+
+    def generator_loss(params, key):
+        k_noise, k_dmd, k_t, k_n = jax.random.split(key, 4)
+        x_g = one_step_generate(model, params, jax.random.normal(k_noise, batch["x"].shape), y)
+        fake_velocity = lambda z, t, c: velocity(state.critic_params["fake_score"], z, t, c)
+        loss, metrics = dmd_generator_loss(x_g, y, k_dmd, real_velocity=real_velocity, fake_velocity=fake_velocity,
+                                           t_min=cfg.t_min, t_max=cfg.t_max)
+        if use_gan:
+            t_d = noise_level(k_t)
+            d_generated, _ = discriminate(state.critic_params, interpolate(x_g, jax.random.normal(k_n, x_g.shape), t_d),
+                                          t_d, for_generator=True)
+            adversarial = generator_adversarial_loss(d_generated)
+            loss = loss + cfg.gan_weight_generator * adversarial
+            metrics["g_adv_loss"] = adversarial
+        return loss, dict(metrics, loss=loss)
+
+    def update_generator(_):
+        params, opt_state, finite, metrics = guarded_update(generator_loss, state.params, state.opt_state, k_gen,
+                                                            optimizer)
+        return params, opt_state, finite, {f"generator/{k}": v for k, v in metrics.items()}
+
+    metric_shapes = jax.eval_shape(update_generator, None)[3]
+
+    def keep_generator(_):  # metrics of steps without a generator update are masked out by the loop
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
+        return state.params, state.opt_state, jnp.array(True), zeros
+
+    generator_due = state.step % cfg.generator_every == 0
+    gen_params, gen_opt_state, gen_finite, gen_metrics = jax.lax.cond(generator_due, update_generator,
+                                                                      keep_generator, None)
+
+    def critic_loss(critic_params, key):
+        k_noise, k_fm, k_t, k_real, k_fake = jax.random.split(key, 5)
+        x_g = jax.lax.stop_gradient(one_step_generate(model, gen_params, jax.random.normal(k_noise, batch["x"].shape), y))
+        loss, fm_metrics = flow_matching_loss(velocity, critic_params["fake_score"], {"x": x_g, "y": y}, k_fm,
+                                              null_label=null, label_dropout=0.0)
+        metrics = {"fake_score_loss": fm_metrics["loss"]}
+        if use_gan:
+            t_d = noise_level(k_t)
+            d_real, _ = discriminate(critic_params, interpolate(batch["x"], jax.random.normal(k_real, x_g.shape), t_d),
+                                     t_d, for_generator=False)
+            d_fake, weights = discriminate(critic_params, interpolate(x_g, jax.random.normal(k_fake, x_g.shape), t_d),
+                                           t_d, for_generator=False)
+            d_loss, d_metrics = discriminator_loss(d_real, d_fake)
+            loss = loss + cfg.gan_weight_critic * d_loss
+            metrics.update(d_metrics, token_weight_entropy=weight_entropy(weights))
+        return loss, dict(metrics, loss=loss)
+
+    critic_params, critic_opt_state, critic_finite, critic_metrics = guarded_update(
+        critic_loss, state.critic_params, state.critic_opt_state, k_critic, critic_optimizer)
+    critic_metrics = {f"critic/{k}": v for k, v in critic_metrics.items()}
+
+    ema = ema_update(state.ema_params, gen_params,
+                     jnp.where(generator_due, ema_decay_at(state.step // cfg.generator_every, config.ema_decay), 1.0))
+    finite = gen_finite & critic_finite
+    new_state = state.replace(params=gen_params, opt_state=gen_opt_state, ema_params=ema, critic_params=critic_params,
+                              critic_opt_state=critic_opt_state, **count_skips(state, finite))
+    metrics = dict(gen_metrics, **critic_metrics, skipped=(~finite).astype(jnp.float32),
+                   generator_updated=generator_due.astype(jnp.float32))
+    return new_state, metrics
