@@ -84,7 +84,19 @@ def get_config(variant: str = "teacher"):
         c.sample.num_steps = 1
         c.sample.per_class = 2
         c.refine.generator_every = 2
+    elif variant in ("eval", "eval_tiny"):
+        c.stage = "eval"
+        c.eval.num_samples = 5000
+        c.eval.batch_size = 500
+        if variant == "eval_tiny":
+            c.model.size = "tiny"
+            c.model.patch_size = 7
+            c.eval.num_samples = 200
+            c.eval.batch_size = 100
+            c.eval.classifier_steps = 20
+            c.eval.teacher_euler_steps = (1, 4)
+            c.eval.teacher_heun_steps = (2,)
     else:
-        raise ValueError(f"configs/fashion_mnist.py has no variant {variant!r}; use one of: teacher, tiny, sketch, sketch_tiny, refine, refine_tiny, S, B")
+        raise ValueError(f"configs/fashion_mnist.py has no variant {variant!r}; use one of: teacher, tiny, sketch, sketch_tiny, refine, refine_tiny, eval, eval_tiny, S, B")
     c.lock()
     return c

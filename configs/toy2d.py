@@ -71,7 +71,23 @@ def get_config(variant: str = "teacher"):
         c.sample_every = 0
         c.sample.num_steps = 1
         c.refine.generator_every = 2
+    elif variant in ("eval", "eval_tiny"):
+        c.stage = "eval"
+        c.eval.num_samples = 2000
+        c.eval.batch_size = 500
+        c.eval.classifier_steps = 500
+        c.eval.cfg_scale = 1.0
+        c.eval.teacher_euler_steps = (1, 2, 4, 8, 16, 32, 64)
+        c.eval.teacher_heun_steps = (2, 4, 8)
+        if variant == "eval_tiny":
+            c.model.width = 64
+            c.model.depth = 2
+            c.eval.num_samples = 200
+            c.eval.batch_size = 100
+            c.eval.classifier_steps = 50
+            c.eval.teacher_euler_steps = (1, 4)
+            c.eval.teacher_heun_steps = (2,)
     else:
-        raise ValueError(f"configs/toy2d.py has no variant {variant!r}; use one of: teacher, tiny, sketch, sketch_tiny, refine, refine_tiny")
+        raise ValueError(f"configs/toy2d.py has no variant {variant!r}; use one of: teacher, tiny, sketch, sketch_tiny, refine, refine_tiny, eval, eval_tiny")
     c.lock()
     return c

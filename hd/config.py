@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ml_collections
 
-STAGES = ("teacher", "sketch", "refine")
+STAGES = ("teacher", "sketch", "refine", "eval")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -95,6 +95,24 @@ def base_config() -> ml_collections.ConfigDict:
         feature_block=-1,  # block whose tokens the head reads; -1 = the middle block
         gan_weight_generator=3e-3,
         gan_weight_critic=1e-2,
+    ))
+
+    # Evaluation (stage 'eval'): rows of (model, sampler, steps) scored with one feature network.
+    c.eval = ml_collections.ConfigDict(dict(
+        teacher_workdir="",
+        students="",  # one-step generators: "sketch=DIR,refine=DIR"
+        teacher_euler_steps=(1, 2, 4, 8, 16, 32, 64, 128),
+        teacher_heun_steps=(2, 4, 8),
+        student_steps=(1, 2),
+        cfg_scale=1.5,  # teacher sampling guidance
+        num_samples=5000,
+        batch_size=500,
+        feature_net="classifier",  # classifier (trained here, cached) | inception (weights file)
+        classifier_steps=1500,
+        inception_weights="",
+        inception_sha256="",
+        reference_npz="",  # ADM-style statistics (mu, sigma); '' = features of the test split
+        nearest_k=3,
     ))
 
     c.log_every = 50
@@ -186,6 +204,21 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         if not -1 <= rf.feature_block < depth:
             raise ValueError(f"config.refine.feature_block={rf.feature_block} is outside the model's {depth} "
                              "blocks (-1 = the middle one)")
+    if config.stage == "eval":
+        ev = config.eval
+        if not ev.teacher_workdir and not ev.students:
+            raise ValueError("config.eval: set teacher_workdir and/or students=NAME=DIR,... to say what to score")
+        if ev.feature_net not in ("classifier", "inception"):
+            raise ValueError(f"config.eval.feature_net={ev.feature_net!r} is not 'classifier' or 'inception'")
+        if ev.feature_net == "inception" and not ev.inception_weights:
+            raise ValueError("config.eval.feature_net='inception' needs config.eval.inception_weights (a converted "
+                             "weights file; see README) and, to pin it, config.eval.inception_sha256")
+        _positive(config, ("eval.num_samples", "eval.batch_size", "eval.classifier_steps", "eval.nearest_k"))
+        if ev.num_samples % ev.batch_size or ev.batch_size % num_devices:
+            raise ValueError(f"config.eval.num_samples={ev.num_samples} must be a multiple of config.eval.batch_size="
+                             f"{ev.batch_size}, itself a multiple of the {num_devices} devices")
+        if any(n < 1 for n in (*ev.teacher_euler_steps, *ev.teacher_heun_steps, *ev.student_steps)):
+            raise ValueError("config.eval step counts must all be >= 1")
     for regex, rule in config.sharding_rules:
         if rule not in ("fsdp", "replicate"):
             raise ValueError(f"config.sharding_rules: rule {rule!r} for {regex!r} is not 'fsdp' or 'replicate'")

@@ -24,9 +24,19 @@ def main(argv: list[str]) -> None:
     del argv
     for handler in logging.getLogger().handlers:
         handler.addFilter(_QuietLibraries())
+    config, workdir = _CONFIG.value, _WORKDIR.value
+    if config.stage == "eval":
+        import jax
+
+        from hd.config import validate
+        from hd.eval.evaluator import evaluate, results_table
+
+        validate(config, jax.device_count())
+        print(results_table(evaluate(config, workdir)))
+        return
     from hd.train.loop import train  # after flag parsing: keeps --help fast
 
-    train(_CONFIG.value, _WORKDIR.value)
+    train(config, workdir)
 
 
 if __name__ == "__main__":
