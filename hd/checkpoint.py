@@ -70,6 +70,15 @@ class Checkpointer:
         self._manager.close()
 
 
+def latest_step(workdir: str) -> int | None:
+    """Newest complete checkpoint step of a stage work directory, None if it has none (never writes)."""
+    directory = checkpoint_dir(workdir)
+    if not os.path.isdir(directory):
+        return None
+    with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
+        return manager.latest_step()
+
+
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape) for path, leaf in flat}

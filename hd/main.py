@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
-import logging
-
 from absl import app, flags
 from ml_collections import config_flags
+
+from hd.logs import quiet_library_logs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file and variant, e.g. configs/toy2d.py:teacher.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory of this stage (checkpoints, logs, samples).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-class _QuietLibraries(logging.Filter):
-    """Orbax and the array store log every file they touch at INFO; keep their warnings and errors only."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        noisy = any(part in record.pathname for part in ("/orbax/", "/jax/_src/", "/tensorstore/"))
-        return record.levelno >= logging.WARNING or not noisy
-
-
 def main(argv: list[str]) -> None:
     del argv
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(_QuietLibraries())
+    quiet_library_logs()
     config, workdir = _CONFIG.value, _WORKDIR.value
     if config.stage == "eval":
         import jax

@@ -105,15 +105,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     grid_noise, grid_labels = grid_inputs(config, data_shape)
 
     # Compile the step and trace the sampler before the work directory is touched, so a value that only fails
-    # here (e.g. a patch size that does not tile the image) leaves an existing run as it was. The jit cache
-    # reuses this compilation for the first real step.
+    # here (e.g. a patch size that does not tile the image) leaves an existing run as it was. The loop runs
+    # this compiled executable, so nothing is compiled twice.
     first = data.get_state()
     probe = next(data)
     data.set_state(first)
     abstract_batch = {k: jax.ShapeDtypeStruct((config.batch_size, *v.shape[1:]), v.dtype, sharding=batch_sharding)
                       for k, v in probe.items()}
-    train_step.lower(abstract_like(abstract_state, state_sharding), abstract_batch,
-                     abstract_like(stage.frozen, frozen_sharding)).compile()
+    train_step = train_step.lower(abstract_like(abstract_state, state_sharding), abstract_batch,
+                                  abstract_like(stage.frozen, frozen_sharding)).compile()
     jax.eval_shape(stage.sample, abstract_state, stage.frozen, grid_noise, grid_labels)
 
     # State: newest complete checkpoint of this work directory, else fresh (or handed over by the stage).
