@@ -32,7 +32,7 @@ def guarded_update(loss_fn: LossFn, params: Any, opt_state: Any, key: jax.Array,
     """One optimizer update of `params` (the only tree differentiated); when the loss or the gradient is not
     finite the old parameters and optimizer state are returned and `finite` is False."""
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, key)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt_state = optimizer.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
