@@ -96,8 +96,10 @@ def discriminator_output(logits: jax.Array, weights: jax.Array) -> jax.Array:
 def weight_entropy(weights: jax.Array) -> jax.Array:
     """Entropy of the token weights divided by log N: 1 = uniform pooling, 0 = all weight on one token."""
     n = weights.shape[1]
+    if n == 1:  # a single token is uniform pooling
+        return jnp.ones(())
     entropy = -jnp.sum(weights * jnp.log(jnp.clip(weights, 1e-12)), axis=1)
-    return jnp.mean(entropy) / jnp.log(jnp.maximum(n, 2))
+    return jnp.mean(entropy) / jnp.log(n)
 
 
 def build_head(kind: str, **kwargs) -> nn.Module:

@@ -121,11 +121,12 @@ def refine_step(state: RefineState, batch: dict[str, jax.Array], teacher_params:
                                            t_min=cfg.t_min, t_max=cfg.t_max)
         if use_gan:
             t_d = noise_level(k_t)
-            d_generated, _ = discriminate(state.critic_params, interpolate(x_g, jax.random.normal(k_n, x_g.shape), t_d),
-                                          t_d, for_generator=True)
+            d_generated, weights = discriminate(state.critic_params,
+                                                interpolate(x_g, jax.random.normal(k_n, x_g.shape), t_d), t_d,
+                                                for_generator=True)
             adversarial = generator_adversarial_loss(d_generated)
             loss = loss + cfg.gan_weight_generator * adversarial
-            metrics["g_adv_loss"] = adversarial
+            metrics.update(g_adv_loss=adversarial, token_weight_entropy=weight_entropy(weights))
         return loss, dict(metrics, loss=loss)
 
     def update_generator(_):
