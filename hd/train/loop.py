@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from clu import metric_writers, metrics, parameter_overview, periodic_actions
+from clu import metrics
 from jax.sharding import Mesh, NamedSharding
 
 from hd import parallel, visualize
@@ -63,12 +63,19 @@ def render_samples(config: ml_collections.ConfigDict, samples: np.ndarray) -> np
 
 
 def interval_averages(step_metrics: dict[str, jax.Array]) -> dict[str, metrics.Average]:
-    """Every scalar a step returns, as a clu Average over the logging interval. Metrics named 'generator/...'
+    """Every scalar a step returns as a clu Average over the logging interval. Metrics named 'generator/...'
     count only on steps that updated the generator (flag `generator_updated`, two time-scale refine)."""
     updated = step_metrics.get("generator_updated")
     return {k: metrics.Average.from_model_output(
-        v[None], mask=updated[None] if (updated is not None and k.startswith("generator/")) else None)
+        v[None], mask=(updated[None] > 0) if (updated is not None and k.startswith("generator/")) else None)
         for k, v in step_metrics.items()}
+
+
+# One dispatch per step: building and merging the averages eagerly cost ~35 ms per step on the CPU, more than
+# a toy model's whole step.
+_first_averages = jax.jit(interval_averages)
+_merge_averages = jax.jit(lambda totals, step_metrics: {
+    k: totals[k].merge(v) for k, v in interval_averages(step_metrics).items()})
 
 
 def compile_train_step(stage: Stage, mesh: Mesh, rules: Sequence[tuple[str, str]], abstract_state: Any
@@ -119,14 +126,22 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # State: newest complete checkpoint of this work directory, else fresh (or handed over by the stage).
     os.makedirs(workdir, exist_ok=True)
     checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
-    if checkpointer.latest_step() is not None:
-        state, data_state = checkpointer.restore(abstract_like(abstract_state, state_sharding))
-        data.set_state(data_state)
-        logging.info("resumed %s from step %d", stage.name, int(state.step))
-    else:
-        state = jax.jit(stage.init_state, out_shardings=state_sharding)(jax.random.PRNGKey(config.seed))
+    try:
+        if checkpointer.latest_step() is not None:
+            state, data_state = checkpointer.restore(abstract_like(abstract_state, state_sharding))
+            data.set_state(data_state)
+            logging.info("resumed %s from step %d", stage.name, int(state.step))
+        else:
+            state = jax.jit(stage.init_state, out_shardings=state_sharding)(jax.random.PRNGKey(config.seed))
+    except BaseException:  # e.g. a checkpoint of another architecture: release orbax's threads and files
+        checkpointer.close()
+        raise
     frozen = jax.device_put(stage.frozen, frozen_sharding)
     _write_config(config, workdir)
+
+    # Imported here: clu's writers and periodic actions import TensorFlow (seconds), which compile_train_step's
+    # users (sharding checks, notebooks) do not need.
+    from clu import metric_writers, parameter_overview, periodic_actions
 
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     if int(state.step) == 0:
@@ -155,12 +170,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 with jax.profiler.StepTraceAnnotation("train", step_num=step):
                     state, step_metrics = train_step(state, batch, frozen)
                 step += 1
-                update = interval_averages(step_metrics)
-                averages = update if averages is None else {k: averages[k].merge(update[k]) for k in update}
+                averages = (_first_averages(step_metrics) if averages is None
+                            else _merge_averages(averages, step_metrics))
                 progress(step)
 
                 if step % config.log_every == 0 or step == config.num_steps:
-                    last = {k: float(v.compute()) for k, v in averages.items()}
+                    last = {k: float(v.compute()) for k, v in jax.device_get(averages).items()}
                     writer.write_scalars(step, last)
                     averages = None
                     if int(state.consecutive_skips) >= config.max_consecutive_skips:

@@ -54,7 +54,7 @@ def count_skips(state: Any, finite: jax.Array) -> dict[str, jax.Array]:
 def apply_gradients(state: TrainState, loss_fn: LossFn, key: jax.Array, optimizer: optax.GradientTransformation,
                     ema_decay: float) -> tuple[TrainState, dict[str, jax.Array]]:
     params, opt_state, finite, metrics = guarded_update(loss_fn, state.params, state.opt_state, key, optimizer)
-    ema = ema_update(state.ema_params, params, ema_decay_at(state.step, ema_decay))
+    ema = ema_update(state.ema_params, params, jnp.where(finite, ema_decay_at(state.step, ema_decay), 1.0))
     new_state = state.replace(params=params, opt_state=opt_state, ema_params=ema, **count_skips(state, finite))
     return new_state, dict(metrics, skipped=(~finite).astype(jnp.float32))
 
@@ -166,7 +166,8 @@ def refine_step(state: RefineState, batch: dict[str, jax.Array], teacher_params:
     critic_metrics = {f"critic/{k}": v for k, v in critic_metrics.items()}
 
     ema = ema_update(state.ema_params, gen_params,
-                     jnp.where(generator_due, ema_decay_at(state.step // cfg.generator_every, config.ema_decay), 1.0))
+                     jnp.where(generator_due & gen_finite,
+                               ema_decay_at(state.step // cfg.generator_every, config.ema_decay), 1.0))
     finite = gen_finite & critic_finite
     new_state = state.replace(params=gen_params, opt_state=gen_opt_state, ema_params=ema, critic_params=critic_params,
                               critic_opt_state=critic_opt_state, **count_skips(state, finite))
