@@ -36,7 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
         patch_size=4,
         mlp_ratio=4.0,
         learn_sigma=False,
-        time_scale=1000.0,
+        time_scale=1.0,  # t enters the sinusoidal embedding unscaled (SiT); 1000 makes du/dt huge in the sketch
         width=256,  # mlp only
         depth=4,  # mlp only
         dtype="float32",  # float32 | bfloat16 (compute dtype; parameters stay float32)

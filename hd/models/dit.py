@@ -42,7 +42,7 @@ def timestep_frequencies(t: jax.Array, dim: int, max_period: float = 10000.0) ->
 class TimestepEmbedder(nn.Module):
     hidden_size: int
     frequency_size: int = 256
-    scale: float = 1000.0  # SiT feeds t in [0, 1] unscaled (scale=1); 1000 resolves small t better.
+    scale: float = 1.0  # SiT feeds t in [0, 1] unscaled
     zero_output: bool = False
     dtype: jnp.dtype = jnp.float32
 
@@ -139,7 +139,7 @@ class DiT(nn.Module):
     num_heads: int = 6
     mlp_ratio: float = 4.0
     learn_sigma: bool = False  # official SiT checkpoints carry a second (unused) output half
-    time_scale: float = 1000.0
+    time_scale: float = 1.0
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact

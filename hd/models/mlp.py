@@ -17,7 +17,7 @@ class MLP(nn.Module):
     num_classes: int = 1
     width: int = 256
     depth: int = 4
-    time_scale: float = 1000.0
+    time_scale: float = 1.0
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact

@@ -21,7 +21,7 @@ class TrainState:
 
     @classmethod
     def create(cls, params: Any, optimizer: optax.GradientTransformation) -> "TrainState":
-        return cls(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+        return cls(step=jnp.zeros((), jnp.int32), params=params, ema_params=jax.tree.map(jnp.copy, params),
                    opt_state=optimizer.init(params), consecutive_skips=jnp.zeros((), jnp.int32),
                    total_skips=jnp.zeros((), jnp.int32))
 
@@ -44,7 +44,7 @@ class RefineState:
     def create(cls, generator: Any, critic: Any, optimizer: optax.GradientTransformation,
                critic_optimizer: optax.GradientTransformation) -> "RefineState":
         zero = jnp.zeros((), jnp.int32)
-        return cls(step=zero, params=generator, ema_params=generator, opt_state=optimizer.init(generator),
+        return cls(step=zero, params=generator, ema_params=jax.tree.map(jnp.copy, generator), opt_state=optimizer.init(generator),
                    critic_params=critic, critic_opt_state=critic_optimizer.init(critic), consecutive_skips=zero,
                    total_skips=zero)
 
@@ -68,4 +68,5 @@ def make_optimizer(opt_cfg: Any, frozen_prefixes: tuple[str, ...] = ()) -> optax
 
 
 def ema_update(ema: Any, params: Any, decay: jax.Array) -> Any:
-    return jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema, params)
+    # Written as an increment so a parameter that did not move (or decay = 1) leaves its EMA bit-identical.
+    return jax.tree.map(lambda e, p: e + (1 - decay) * (p - e), ema, params)

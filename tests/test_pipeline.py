@@ -1,0 +1,76 @@
+"""The whole pipeline on the tiny 2-D profile: every stage end to end, skip on rerun, resume after a kill."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from hd import pipeline
+from hd.checkpoint import latest_step
+
+from conftest import complete_checkpoints
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(REPO, "configs", "toy2d.py")
+
+
+def test_pipeline_runs_every_stage_then_skips_everything(tmp_path, monkeypatch):
+    entries = pipeline.run_pipeline(CONFIG, str(tmp_path), "tiny")
+    rows = {(e["model"], e["sampler"], e["steps"]) for e in entries}
+    assert rows == {("teacher", "euler", 1), ("teacher", "euler", 4), ("teacher", "heun", 2),
+                    ("sketch", "mean_flow", 1), ("sketch", "mean_flow", 2),
+                    ("refine", "mean_flow", 1), ("refine", "mean_flow", 2)}
+    with open(tmp_path / "eval" / "results.json") as f:
+        stored = json.load(f)
+    assert stored == entries
+    for e in stored:
+        assert e["n_samples"] == 200 and e["fd"] >= 0 and 0 <= e["precision"] <= 1 and 0 <= e["recall"] <= 1
+        assert os.path.exists(e["grid"])
+    configs = pipeline.stage_configs(CONFIG, str(tmp_path), "tiny")
+    for stage in ("teacher", "sketch", "refine"):
+        assert latest_step(str(tmp_path / stage)) == configs[stage].num_steps
+
+    # A second invocation trains and evaluates nothing.
+    import hd.eval.evaluator
+    import hd.train.loop
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the second invocation must not train or evaluate")
+
+    monkeypatch.setattr(hd.train.loop, "train", fail)
+    monkeypatch.setattr(hd.eval.evaluator, "evaluate", fail)
+    assert pipeline.run_pipeline(CONFIG, str(tmp_path), "tiny") == entries
+
+
+def test_pipeline_resumes_after_a_stage_is_killed(tmp_path):
+    workdir = str(tmp_path)
+    command = [sys.executable, "-m", "hd.pipeline", f"--config={CONFIG}", f"--workdir={workdir}", "--profile=tiny",
+               "--set=num_steps=300", "--set=checkpoint_every=50", "--set=log_every=50"]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    refine = os.path.join(workdir, "refine")
+    deadline = time.monotonic() + 240
+    try:
+        while not complete_checkpoints(refine):
+            assert process.poll() is None, "the pipeline ended before the refine stage saved a checkpoint"
+            assert time.monotonic() < deadline, "no refine checkpoint within 240 s"
+            time.sleep(0.2)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    saved = complete_checkpoints(refine)
+    assert saved and saved[-1] < 300, "killed too late to test a resume"
+    finished_stages = {s: os.path.getmtime(os.path.join(workdir, s, "checkpoints", "300")) for s in ("teacher", "sketch")}
+
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed refine from step {saved[-1]}" in result.stderr
+    assert "teacher: finished earlier" in result.stderr and "sketch: finished earlier" in result.stderr
+    for stage, mtime in finished_stages.items():  # finished stages were not touched
+        assert os.path.getmtime(os.path.join(workdir, stage, "checkpoints", "300")) == mtime
+    assert complete_checkpoints(refine)[-1] == 300
+    with open(os.path.join(workdir, "eval", "results.json")) as f:
+        assert len(json.load(f)) == 7
