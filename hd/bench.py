@@ -40,6 +40,7 @@ flags.mark_flags_as_required(["config"])
 
 # Ratio of each step to the teacher's flow-matching step that the design aims for.
 GOALS = {"sketch": {"time": 2.2, "peak_memory": 2.0}}
+# The refine entry is one two time-scale cycle: k steps holding one generator update and k critic updates.
 # Example shapes of the datasets whose shape is known without reading them.
 DATA_SHAPES = {"fashion_mnist": (28, 28, 1), "toy2d": (2,)}
 
@@ -64,7 +65,7 @@ def train_steps(config: ml_collections.ConfigDict, shape: tuple[int, ...]) -> di
     """The steps to compare, each as (step_fn, args) on the same model and batch."""
     from hd.models import build_model
     from hd.train import steps
-    from hd.train.stages import init_params, student_from_teacher, teacher_stage
+    from hd.train.stages import init_params, refine_stage_from, student_from_teacher, teacher_stage
     from hd.train.state import TrainState, make_optimizer
 
     batch = random_batch(config, shape)
@@ -84,9 +85,22 @@ def train_steps(config: ml_collections.ConfigDict, shape: tuple[int, ...]) -> di
     def sketch(state, batch, teacher):
         return steps.sketch_step(state, batch, teacher, model=model, optimizer=optimizer, config=config)
 
+    # (c) one refine cycle (k = refine.generator_every steps: one generator update, k critic updates), the
+    # refine stage built around the random teacher with the sketch student as generator.
+    refine = refine_stage_from(config, shape, teacher_params, student_from_teacher(teacher_params))
+    refine_state = jax.jit(refine.init_state)(jax.random.PRNGKey(config.seed + 2))
+    k = config.refine.generator_every
+
+    def refine_cycle(state, batch, teacher):
+        # Unrolled, not a fori_loop: XLA's cost analysis counts a loop body once.
+        for _ in range(k):
+            state, metrics = refine.step(state, batch, teacher)
+        return state, metrics
+
     return {
         "teacher": (lambda state, batch: stage.step(state, batch, None), (teacher_state, batch)),
         "sketch": (sketch, (sketch_state, batch, teacher_params)),
+        f"refine_k{k}": (refine_cycle, (refine_state, batch, teacher_params)),
     }
 
 

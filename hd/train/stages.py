@@ -120,6 +120,8 @@ def model_depth(config: ml_collections.ConfigDict) -> int:
 
 
 def refine_stage(config: ml_collections.ConfigDict, data_shape: tuple[int, ...]) -> Stage:
+    """Generator from the sketch's EMA (or the teacher: the DMD-only baseline); real and fake score from the
+    teacher's EMA."""
     cfg = config.refine
     model = build_model(config.model, data_shape, config.data.num_classes)
     teacher_params = load_teacher(model, data_shape, cfg.teacher_workdir)
@@ -128,6 +130,14 @@ def refine_stage(config: ml_collections.ConfigDict, data_shape: tuple[int, ...])
         generator = read_items(cfg.sketch_workdir, {"ema_params": abstract})[0]["ema_params"]
     else:
         generator = student_from_teacher(teacher_params)
+    return refine_stage_from(config, data_shape, teacher_params, generator)
+
+
+def refine_stage_from(config: ml_collections.ConfigDict, data_shape: tuple[int, ...], teacher_params: Any,
+                      generator: Any) -> Stage:
+    """The refine stage around given teacher and generator parameters (checkpoints, or random for benchmarks)."""
+    cfg = config.refine
+    model = build_model(config.model, data_shape, config.data.num_classes)
     feature_block = model_depth(config) // 2 if cfg.feature_block == -1 else cfg.feature_block
     config = copy_with(config, {"refine.feature_block": feature_block})
     head = None if cfg.gan_head == "none" else build_head(
