@@ -32,28 +32,39 @@ def get_config(variant: str = "teacher"):
     c.sample_every = 1000
     c.sample.cfg_scale = 1.5
 
+    # Stage lengths fit the 20-minute CPU budget of the whole pipeline (2 cores); see README for the timings.
     if stage == "teacher":
-        c.num_steps = 3000
+        c.num_steps = 1200
         c.optimizer.lr = 1e-3
-        c.optimizer.warmup_steps = 200
-        c.ema_decay = 0.999
-        c.sample.num_steps = 32
-    elif stage == "sketch":
-        c.num_steps = 2000
-        c.optimizer.lr = 2e-4
         c.optimizer.warmup_steps = 100
+        c.ema_decay = 0.995
+        c.sample.num_steps = 32
+        c.sample_every = 600
+    elif stage == "sketch":
+        c.num_steps = 400
+        c.optimizer.lr = 2e-4
+        c.optimizer.warmup_steps = 50
+        c.ema_decay = 0.99
         c.sketch.cfg_scale = 1.5
         c.sample.num_steps = 1
+        c.sample_every = 200
     elif stage == "refine":
-        c.num_steps = 1000
-        c.optimizer.lr = 2e-5
+        c.num_steps = 150
+        c.optimizer.lr = 1e-4
         c.optimizer.warmup_steps = 0
-        c.refine.critic_lr = 2e-4
+        c.ema_decay = 0.9
+        c.refine.generator_every = 2
+        c.refine.critic_lr = 4e-4
         c.refine.real_cfg_scale = 1.5
         c.sample.num_steps = 1
+        c.sample_every = 75
+        c.checkpoint_every = 50
     else:
-        c.eval.num_samples = 5000
+        c.eval.num_samples = 1000
         c.eval.batch_size = 500
+        c.eval.classifier_steps = 800
+        c.eval.teacher_euler_steps = (1, 4, 16, 64)
+        c.eval.teacher_heun_steps = (4,)
 
     if size == "tiny":
         c.model.size = "tiny"

@@ -27,9 +27,15 @@ def test_pipeline_runs_every_stage_then_skips_everything(tmp_path, monkeypatch):
     with open(tmp_path / "eval" / "results.json") as f:
         stored = json.load(f)
     assert stored == entries
+    required = {"model", "sampler", "steps", "nfe", "fd", "precision", "recall", "class_consistency",
+                "seconds_per_image", "n_samples", "feature_net", "feature_net_test_accuracy", "grid"}
     for e in stored:
+        assert required <= set(e), required - set(e)
         assert e["n_samples"] == 200 and e["fd"] >= 0 and 0 <= e["precision"] <= 1 and 0 <= e["recall"] <= 1
+        assert 0 <= e["class_consistency"] <= 1 and e["seconds_per_image"] > 0 and e["feature_net"] == "classifier"
+        assert e["nfe"] == {"euler": e["steps"], "heun": 2 * e["steps"] - 1, "mean_flow": e["steps"]}[e["sampler"]]
         assert os.path.exists(e["grid"])
+    assert (tmp_path / "eval" / "results.md").read_text().count("\n| ") == len(entries) + 1
     configs = pipeline.stage_configs(CONFIG, str(tmp_path), "tiny")
     for stage in ("teacher", "sketch", "refine"):
         assert latest_step(str(tmp_path / stage)) == configs[stage].num_steps
