@@ -119,6 +119,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every = 500
     c.keep_checkpoints = 3
     c.sample_every = 1000  # 0 = only at the end
+    c.eval_every = 0  # > 0: score samples of the stage's sampler with config.eval's feature net (TensorBoard eval/*)
     c.sample = ml_collections.ConfigDict(dict(
         num_steps=32, method="euler", cfg_scale=1.0, per_class=8,
     ))
@@ -143,8 +144,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
                        "data.num_classes", "model.patch_size", "model.width", "model.depth", "model.mlp_ratio"))
     if not 0.0 <= config.ema_decay < 1.0:
         raise ValueError(f"config.ema_decay={config.ema_decay} must be in [0, 1)")
-    if config.optimizer.warmup_steps < 0 or config.sample_every < 0:
-        raise ValueError("config.optimizer.warmup_steps and config.sample_every must be >= 0")
+    if config.optimizer.warmup_steps < 0 or config.sample_every < 0 or config.eval_every < 0:
+        raise ValueError("config.optimizer.warmup_steps, config.sample_every and config.eval_every must be >= 0")
+    if config.eval_every:
+        _positive(config, ("eval.num_samples", "eval.classifier_steps", "eval.nearest_k"))
     if config.data.name not in ("fashion_mnist", "tfds", "toy2d"):
         raise ValueError(f"config.data.name={config.data.name!r} is not one of 'fashion_mnist', 'tfds', 'toy2d'")
     if config.data.name == "tfds" and not config.data.tfds_name:

@@ -80,3 +80,15 @@ def test_pipeline_resumes_after_a_stage_is_killed(tmp_path):
     assert complete_checkpoints(refine)[-1] == 300
     with open(os.path.join(workdir, "eval", "results.json")) as f:
         assert len(json.load(f)) == 7
+
+
+def test_training_scores_samples_every_n_steps(tmp_path):
+    from conftest import load_config
+    from hd.train.loop import train
+
+    config = load_config("toy2d", "tiny", {"eval_every": 10, "eval.num_samples": 200, "eval.classifier_steps": 30})
+    metrics = train(config, str(tmp_path / "teacher"))
+    for key in ("eval/fd", "eval/precision", "eval/recall", "eval/class_consistency"):
+        assert key in metrics and metrics[key] == metrics[key]  # present and not NaN
+    assert metrics["eval/fd"] >= 0 and 0 <= metrics["eval/class_consistency"] <= 1
+    assert (tmp_path / "teacher" / "eval" / "feature_net" / "classifier.json").exists()

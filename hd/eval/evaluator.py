@@ -99,6 +99,38 @@ class FeatureNet:
         return np.concatenate(pools), None
 
 
+class SampleScorer:
+    """Scores samples drawn from fixed noise and balanced labels against the reference set: FD, precision,
+    recall and class-consistency. Used for every row of an evaluation and inside training (config.eval_every)."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+        ev = config.eval
+        self.features = FeatureNet(config, workdir)
+        self.num_samples = ev.num_samples
+        self.nearest_k = ev.nearest_k
+        reference = reference_data(config.data, ev.num_samples)
+        self.data_shape = tuple(reference["x"].shape[1:])
+        if ev.reference_npz:
+            with np.load(ev.reference_npz) as stats:
+                self.ref_mu, self.ref_sigma = stats["mu"], stats["sigma"]
+            self.ref_features = None
+        else:
+            self.ref_features, _ = self.features(reference["x"])
+            self.ref_mu, self.ref_sigma = feature_statistics(self.ref_features)
+        self.labels = np.arange(ev.num_samples, dtype=np.int32) % config.data.num_classes
+        self.noise = np.asarray(jax.random.normal(jax.random.PRNGKey(config.seed + 777),
+                                                  (ev.num_samples, *self.data_shape)))
+
+    def score(self, samples: np.ndarray) -> dict:
+        fake_features, predictions = self.features(samples)
+        mu, sigma = feature_statistics(fake_features)
+        out = {"fd": frechet_distance(mu, sigma, self.ref_mu, self.ref_sigma)}
+        if self.ref_features is not None:
+            out.update(precision_recall(self.ref_features, fake_features, k=self.nearest_k))
+        out["class_consistency"] = None if predictions is None else float(np.mean(predictions == self.labels))
+        return out
+
+
 def evaluate(config: ml_collections.ConfigDict, workdir: str, rows: list[Row] | None = None) -> list[dict]:
     """Score every row; write results.json, results.md and grids/ under `workdir`; return the entries."""
     ev = config.eval
@@ -110,25 +142,15 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, rows: list[Row] | 
     # Read every checkpoint first: a missing or mismatched one fails before any sampling.
     params = {wd: read_items(wd, {"ema_params": abstract})[0]["ema_params"] for wd in {r.workdir for r in rows}}
 
-    features = FeatureNet(config, workdir)
-    reference = reference_data(config.data, ev.num_samples)
-    if ev.reference_npz:
-        with np.load(ev.reference_npz) as stats:
-            ref_mu, ref_sigma = stats["mu"], stats["sigma"]
-        ref_features = None
-    else:
-        ref_features, _ = features(reference["x"])
-        ref_mu, ref_sigma = feature_statistics(ref_features)
-
+    scorer = SampleScorer(config, workdir)
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
     batch_sharding = parallel.batch_sharding(mesh)
     n, bs = ev.num_samples, ev.batch_size
     if n % bs or bs % jax.device_count():
         raise ValueError(f"config.eval.num_samples={n} must be a multiple of config.eval.batch_size={bs}, itself "
                          f"a multiple of the {jax.device_count()} devices")
-    labels = np.arange(n, dtype=np.int32) % config.data.num_classes
-    noise_key = jax.random.PRNGKey(config.seed + 777)
-    noise = [jax.random.normal(jax.random.fold_in(noise_key, i), (bs, *data_shape)) for i in range(n // bs)]
+    labels = scorer.labels
+    noise = [scorer.noise[i * bs:(i + 1) * bs] for i in range(n // bs)]
     # Grid: the first `per_class` samples of each class (labels cycle through the classes), one row per class;
     # the same noise in every row of the results, so grids compare by eye.
     per_class = min(10, n // config.data.num_classes)
@@ -149,16 +171,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, rows: list[Row] | 
         seconds = time.perf_counter() - start
         samples = np.concatenate(outputs)
 
-        fake_features, predictions = features(samples)
-        mu, sigma = feature_statistics(fake_features)
-        entry = dict(model=row.name, sampler=row.sampler, steps=row.steps, nfe=row.nfe,
-                     fd=frechet_distance(mu, sigma, ref_mu, ref_sigma), n_samples=n,
-                     seconds_per_image=seconds / n, feature_net=features.kind,
-                     feature_net_test_accuracy=features.accuracy, workdir=os.path.abspath(row.workdir))
-        if ref_features is not None:
-            entry.update(precision_recall(ref_features, fake_features, k=ev.nearest_k))
-        entry["class_consistency"] = None if predictions is None else float(np.mean(predictions == labels))
-
+        entry = dict(model=row.name, sampler=row.sampler, steps=row.steps, nfe=row.nfe, **scorer.score(samples),
+                     n_samples=n, seconds_per_image=seconds / n, feature_net=scorer.features.kind,
+                     feature_net_test_accuracy=scorer.features.accuracy, workdir=os.path.abspath(row.workdir))
         grid = visualize.points_image(samples) if len(data_shape) == 1 else visualize.image_grid(
             samples[grid_index], config.data.num_classes)
         grid_path = os.path.join(workdir, "grids", f"{row.name}_{row.sampler}_{row.steps}.png")

@@ -159,6 +159,19 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         writer.write_images(step, {"samples": grid[None]})
         writer.write_scalars(step, {"sample_seconds": time.perf_counter() - t0})
 
+    # Scores inside training: the evaluation's feature net and reference set, this stage's sampler.
+    scorer = None
+    if config.eval_every:
+        from hd.eval.evaluator import SampleScorer
+
+        scorer = SampleScorer(config, os.path.join(workdir, "eval"))
+
+    def write_scores(step: int) -> dict:
+        samples = np.asarray(jax.device_get(sample(state, frozen, scorer.noise, scorer.labels)))
+        scores = {f"eval/{k}": v for k, v in scorer.score(samples).items() if v is not None}
+        writer.write_scalars(step, scores)
+        return scores
+
     preempted = []
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
     step = int(state.step)
@@ -192,6 +205,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     raise Preempted()
                 if (config.sample_every and step % config.sample_every == 0) or step == config.num_steps:
                     write_samples(step)
+                if scorer is not None and (step % config.eval_every == 0 or step == config.num_steps):
+                    last.update(write_scores(step))
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
         checkpointer.close()
