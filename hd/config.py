@@ -203,7 +203,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
             raise ValueError(f"config.refine.t_min={rf.t_min}, t_max={rf.t_max} must satisfy 0 <= min < max <= 1")
         _positive(config, ("refine.generator_every", "refine.critic_lr", "refine.awd_heads",
                            "refine.awd_temperature", "refine.head_width"))
-        depth = config.model.depth if config.model.name == "mlp" else DIT_SIZES[config.model.size][1]
+        from hd.models import model_depth
+
+        depth = model_depth(config.model)
         if not -1 <= rf.feature_block < depth:
             raise ValueError(f"config.refine.feature_block={rf.feature_block} is outside the model's {depth} "
                              "blocks (-1 = the middle one)")

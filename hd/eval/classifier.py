@@ -63,15 +63,15 @@ def train_classifier(data_cfg: ml_collections.ConfigDict, directory: str, *, num
     model = Classifier(data_cfg.num_classes)
     info_path = os.path.join(directory, "classifier.json")
     ckpt_path = os.path.abspath(os.path.join(directory, "classifier"))
-    data = make_batch_iterator(_split_cfg(data_cfg, "train"), global_batch_size=batch_size, seed=seed)
-    example = next(data)
-    params = model.init(jax.random.PRNGKey(seed), example["x"][:1])["params"]
-    if os.path.exists(info_path):
+    if os.path.exists(info_path):  # the cache is checked before the training split is read
         with open(info_path) as f:
             info = json.load(f)
         if info["num_steps"] == num_steps and info["data"] == data_cfg.to_dict():
-            restored = ocp.StandardCheckpointer().restore(ckpt_path, jax.eval_shape(lambda: params))
-            return restored, info["test_accuracy"]
+            return ocp.StandardCheckpointer().restore(ckpt_path), info["test_accuracy"]
+
+    data = make_batch_iterator(_split_cfg(data_cfg, "train"), global_batch_size=batch_size, seed=seed)
+    example = next(data)
+    params = model.init(jax.random.PRNGKey(seed), example["x"][:1])["params"]
 
     optimizer = optax.adam(optax.cosine_decay_schedule(2e-3, num_steps))
     opt_state = optimizer.init(params)

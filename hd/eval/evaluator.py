@@ -12,7 +12,6 @@ import dataclasses
 import json
 import os
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +24,7 @@ from hd.checkpoint import read_items
 from hd.eval.classifier import classify, reference_data, train_classifier
 from hd.eval.frechet import feature_statistics, frechet_distance
 from hd.eval.precision_recall import precision_recall
-from hd.models import average_velocity_apply, build_model, velocity_apply
+from hd.models import average_velocity_apply, build_model, init_params, velocity_apply
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,12 +102,13 @@ class SampleScorer:
     """Scores samples drawn from fixed noise and balanced labels against the reference set: FD, precision,
     recall and class-consistency. Used for every row of an evaluation and inside training (config.eval_every)."""
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str, reference: dict | None = None):
         ev = config.eval
         self.features = FeatureNet(config, workdir)
         self.num_samples = ev.num_samples
         self.nearest_k = ev.nearest_k
-        reference = reference_data(config.data, ev.num_samples)
+        if reference is None:
+            reference = reference_data(config.data, ev.num_samples)
         self.data_shape = tuple(reference["x"].shape[1:])
         if ev.reference_npz:
             with np.load(ev.reference_npz) as stats:
@@ -135,14 +135,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, rows: list[Row] | 
     """Score every row; write results.json, results.md and grids/ under `workdir`; return the entries."""
     ev = config.eval
     rows = rows_from_config(config) if rows is None else rows
-    data_shape = tuple(reference_data(config.data, 1)["x"].shape[1:])
+    reference = reference_data(config.data, ev.num_samples)
+    data_shape = tuple(reference["x"].shape[1:])
     model = build_model(config.model, data_shape, config.data.num_classes)
-    abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *data_shape)),
-                                                 jnp.zeros((1,)), jnp.zeros((1,)), jnp.zeros((1,), jnp.int32))["params"])
+    abstract = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0), data_shape))
     # Read every checkpoint first: a missing or mismatched one fails before any sampling.
     params = {wd: read_items(wd, {"ema_params": abstract})[0]["ema_params"] for wd in {r.workdir for r in rows}}
 
-    scorer = SampleScorer(config, workdir)
+    scorer = SampleScorer(config, workdir, reference)
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
     batch_sharding = parallel.batch_sharding(mesh)
     n, bs = ev.num_samples, ev.batch_size

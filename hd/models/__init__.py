@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Callable
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import ml_collections
 
 from hd.models.dit import DIT_SIZES, DiT
@@ -34,3 +36,15 @@ def velocity_apply(model: nn.Module) -> Callable:
 def average_velocity_apply(model: nn.Module) -> Callable:
     """(params, z, r, t, y) -> average velocity over [r, t]: the backbone conditioned on t and h = t - r."""
     return lambda params, z, r, t, y: model.apply({"params": params}, z, t, t - r, y)
+
+
+def init_params(model: nn.Module, key: jax.Array, data_shape: tuple[int, ...]):
+    """Freshly initialised parameters of a velocity network for examples of shape `data_shape`."""
+    x = jnp.zeros((1, *data_shape), jnp.float32)
+    t = jnp.zeros((1,), jnp.float32)
+    return model.init(key, x, t, t, jnp.zeros((1,), jnp.int32))["params"]
+
+
+def model_depth(model_cfg: ml_collections.ConfigDict) -> int:
+    """Number of blocks (DiT) or hidden layers (MLP): the range of `return_tokens_at`."""
+    return model_cfg.depth if model_cfg.name == "mlp" else DIT_SIZES[model_cfg.size][1]

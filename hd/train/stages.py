@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable
 
 import jax
@@ -12,8 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from hd import flow
-from hd.models import average_velocity_apply, build_model, velocity_apply
-from hd.models.dit import DIT_SIZES
+from hd.models import average_velocity_apply, build_model, init_params, model_depth, velocity_apply
 from hd.models.heads import build_head
 from hd.train import steps
 from hd.checkpoint import read_items
@@ -28,12 +26,6 @@ class Stage:
     sample: Callable[[Any, Any, jax.Array, jax.Array], jax.Array]  # (state, frozen, noise, labels) -> x
     frozen: Any = None  # read-only trees the step and sampler take as inputs (never saved by this stage)
     sample_nfe: int = 1
-
-
-def init_params(model, key: jax.Array, data_shape: tuple[int, ...]) -> Any:
-    x = jnp.zeros((1, *data_shape), jnp.float32)
-    t = jnp.zeros((1,), jnp.float32)
-    return model.init(key, x, t, t, jnp.zeros((1,), jnp.int32))["params"]
 
 
 def ode_sampler(model, num_classes: int, num_steps: int, method: str, cfg_scale: float
@@ -115,10 +107,6 @@ def sketch_stage(config: ml_collections.ConfigDict, data_shape: tuple[int, ...])
     )
 
 
-def model_depth(config: ml_collections.ConfigDict) -> int:
-    return config.model.depth if config.model.name == "mlp" else DIT_SIZES[config.model.size][1]
-
-
 def refine_stage(config: ml_collections.ConfigDict, data_shape: tuple[int, ...]) -> Stage:
     """Generator from the sketch's EMA (or the teacher: the DMD-only baseline); real and fake score from the
     teacher's EMA."""
@@ -138,7 +126,7 @@ def refine_stage_from(config: ml_collections.ConfigDict, data_shape: tuple[int, 
     """The refine stage around given teacher and generator parameters (checkpoints, or random for benchmarks)."""
     cfg = config.refine
     model = build_model(config.model, data_shape, config.data.num_classes)
-    feature_block = model_depth(config) // 2 if cfg.feature_block == -1 else cfg.feature_block
+    feature_block = model_depth(config.model) // 2 if cfg.feature_block == -1 else cfg.feature_block
     config = copy_with(config, {"refine.feature_block": feature_block})
     head = None if cfg.gan_head == "none" else build_head(
         cfg.gan_head, width=cfg.head_width,
