@@ -9,7 +9,11 @@ Every step is compiled ahead of time (jax.jit(step, donate_argnums=0).lower(...)
 - the median wall time of --steps runs after --warmup runs (each waited for with block_until_ready; the
   steps take turns, one run each per round, so that other processes on the machine slow them alike),
 - achieved FLOP/s and MFU = achieved / the float32 matmul rate measured in the same process.
-Then the ratios of every step to the teacher's, against the goals in GOALS.
+Then the ratios of every step to the teacher's, against the goals in GOALS, and two throughputs:
+- sampling: images/s of the one-step generator (one mean-flow jump) and of the teacher's Euler sampler with
+  --teacher_steps steps and the config's CFG (two network passes per step), batch = config.batch_size;
+- data: batches/s of the training input pipeline (the config's dataset, iterator and host-to-device copy) against
+  the batches/s each train step consumes.
 
 No checkpoint or dataset is read: parameters are random initialisations (the teacher of the sketch step too)
 and the batch is random data of the dataset's shape. To add a stage, add one entry to `train_steps`:
@@ -36,10 +40,15 @@ _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per train step (after th
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps before timing.")
 _MATMUL_SIZE = flags.DEFINE_integer("matmul_size", 2048, "Side of the square float32 matmul that sets the peak rate.")
 _JSON_OUT = flags.DEFINE_string("json_out", "", "Also write the JSON report to this file.")
+_TEACHER_STEPS = flags.DEFINE_integer("teacher_steps", 32, "Euler steps of the teacher sampler in the sampling row.")
+_DATA = flags.DEFINE_bool("data", True, "Time the input pipeline (reads the config's dataset).")
 flags.mark_flags_as_required(["config"])
 
 # Ratio of each step to the teacher's flow-matching step that the design aims for.
 GOALS = {"sketch": {"time": 2.2, "peak_memory": 2.0}}
+# MFU goals on the 2-core CPU (issue targets) and the input pipeline's margin over the fastest consumer.
+MFU_GOALS = {"teacher": 0.5, "sketch": 0.4, "refine": 0.4}
+DATA_GOAL = 10.0
 # The refine entry is one two time-scale cycle: k steps holding one generator update and k critic updates.
 # Example shapes of the datasets whose shape is known without reading them.
 DATA_SHAPES = {"fashion_mnist": (28, 28, 1), "toy2d": (2,)}
@@ -153,6 +162,55 @@ def matmul_rate(n: int, repeats: int = 10) -> float:
     return 2.0 * n ** 3 / statistics.median(times)
 
 
+def sampling_rates(config: ml_collections.ConfigDict, shape: tuple[int, ...], teacher_steps: int,
+                   repeats: int = 3) -> dict[str, dict]:
+    """Images/s of the one-step generator and of the teacher's CFG Euler sampler on random parameters."""
+    from hd.models import build_model, init_params
+    from hd.train.stages import mean_flow_sampler, ode_sampler
+
+    model = build_model(config.model, shape, config.data.num_classes)
+    params = jax.jit(lambda key: init_params(model, key, shape))(jax.random.PRNGKey(config.seed))
+    noise = jax.random.normal(jax.random.PRNGKey(1), (config.batch_size, *shape))
+    labels = jnp.arange(config.batch_size, dtype=jnp.int32) % config.data.num_classes
+    samplers = {
+        "one_step": (mean_flow_sampler(model, 1), 1),
+        f"teacher_euler{teacher_steps}": (ode_sampler(model, config.data.num_classes, teacher_steps, "euler",
+                                                      config.sample.cfg_scale), teacher_steps),
+    }
+    out = {}
+    for name, (sampler, nfe) in samplers.items():
+        fn = jax.jit(sampler).lower(params, noise, labels).compile()
+        fn(params, noise, labels).block_until_ready()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn(params, noise, labels).block_until_ready()
+            times.append(time.perf_counter() - t0)
+        seconds = statistics.median(times)
+        out[name] = {"nfe": nfe, "batch_size": config.batch_size, "seconds_per_batch": seconds,
+                     "images_per_s": config.batch_size / seconds}
+    teacher = out[f"teacher_euler{teacher_steps}"]["images_per_s"]
+    out["one_step"]["speedup_over_teacher"] = out["one_step"]["images_per_s"] / teacher
+    return out
+
+
+def data_rate(config: ml_collections.ConfigDict, num_batches: int = 50) -> dict:
+    """Batches/s of the training input pipeline as the loop runs it: the iterator's next batch, then the copy
+    to the devices as one global array."""
+    from hd import parallel
+    from hd.data import make_batch_iterator
+
+    data = make_batch_iterator(config.data, global_batch_size=config.batch_size, seed=config.seed,
+                               process_index=jax.process_index(), process_count=jax.process_count())
+    sharding = parallel.batch_sharding(parallel.make_mesh(config.mesh.data, config.mesh.fsdp))
+    jax.block_until_ready(parallel.global_batch(next(data), sharding))  # first-touch costs (page cache, permutation)
+    t0 = time.perf_counter()
+    for _ in range(num_batches):
+        jax.block_until_ready(parallel.global_batch(next(data), sharding))
+    seconds = (time.perf_counter() - t0) / num_batches
+    return {"batches_timed": num_batches, "seconds_per_batch": seconds, "batches_per_s": 1.0 / seconds}
+
+
 def ratios(results: dict[str, dict], baseline: str = "teacher") -> dict[str, dict]:
     """Each step's time, peak memory and FLOPs over the baseline's, with the goals of GOALS where there are."""
     base = results[baseline]
@@ -168,6 +226,10 @@ def ratios(results: dict[str, dict], baseline: str = "teacher") -> dict[str, dic
             entry[f"{key}_goal_met"] = bool(entry[key] <= limit)
         out[f"{name}/{baseline}"] = entry
     return out
+
+
+def mfu_goal(name: str) -> float | None:
+    return MFU_GOALS.get(name.split("_")[0])
 
 
 def _mib(n: int) -> str:
@@ -193,10 +255,26 @@ def table(report: dict) -> str:
             if f"{key}_goal" in q:
                 parts.append(f"{key} goal <= {q[f'{key}_goal']}x {'met' if q[f'{key}_goal_met'] else 'NOT met'}")
         lines.append("; ".join(parts))
+    for name, r in report["steps"].items():
+        if r.get("mfu_goal") is not None:
+            lines.append(f"{name}: MFU {r['mfu']:.1%}, goal >= {r['mfu_goal']:.0%} "
+                         f"{'met' if r['mfu_goal_met'] else 'NOT met'}")
+    sampling = report.get("sampling")
+    if sampling:
+        for name, r in sampling.items():
+            lines.append(f"sampling {name}: {r['images_per_s']:.1f} images/s ({r['nfe']} NFE, batch "
+                         f"{r['batch_size']}, {r['seconds_per_batch'] * 1e3:.0f} ms/batch)")
+        lines.append(f"one-step speed-up over the teacher sampler: {sampling['one_step']['speedup_over_teacher']:.1f}x")
+    data = report.get("data")
+    if data:
+        lines.append(f"data pipeline: {data['batches_per_s']:.1f} batches/s ({data['seconds_per_batch'] * 1e3:.2f} "
+                     f"ms/batch); fastest step consumes {data['fastest_step_batches_per_s']:.2f} batches/s -> "
+                     f"{data['margin']:.0f}x, goal >= {DATA_GOAL:.0f}x {'met' if data['goal_met'] else 'NOT met'}")
     return "\n".join(lines)
 
 
-def run(config: ml_collections.ConfigDict, *, steps: int, warmup: int, matmul_size: int) -> dict:
+def run(config: ml_collections.ConfigDict, *, steps: int, warmup: int, matmul_size: int, teacher_steps: int = 32,
+        time_data: bool = True) -> dict:
     shape = data_shape(config)
     entries = train_steps(config, shape)
     compiled, results = {}, {}
@@ -212,13 +290,29 @@ def run(config: ml_collections.ConfigDict, *, steps: int, warmup: int, matmul_si
         step_s = statistics.median(times[name])
         r.update(step_s_median=step_s, step_s_min=min(times[name]), step_s_max=max(times[name]), steps_timed=steps,
                  achieved_flops_per_s=r["flops"] / step_s, mfu=r["flops"] / step_s / peak)
+        goal = mfu_goal(name)
+        r.update(mfu_goal=goal, mfu_goal_met=None if goal is None else bool(r["mfu"] >= goal))
+    sampling = sampling_rates(config, shape, teacher_steps)
+    data = None
+    if time_data:
+        data = data_rate(config)
+        # A refine entry is a cycle of k steps: it consumes k batches.
+        consumed = max(steps_in(name, config) / r["step_s_median"] for name, r in results.items())
+        data.update(fastest_step_batches_per_s=consumed, margin=data["batches_per_s"] / consumed)
+        data["goal_met"] = bool(data["margin"] >= DATA_GOAL)
     model = (f"{config.model.name} {config.model.size}/p{config.model.patch_size}" if config.model.name == "dit"
              else f"{config.model.name} {config.model.width}x{config.model.depth}")
     device = jax.devices()[0]
     return {"device": f"{device.platform} ({device.device_kind}), {jax.device_count()} device(s)", "model": model,
             "data_shape": list(shape), "batch_size": config.batch_size, "sketch_target": config.sketch.target,
             "sketch_cfg_scale": config.sketch.cfg_scale, "matmul_size": matmul_size, "matmul_flops_per_s": peak,
-            "matmul_flops_per_s_before_after": [rate_before, rate_after], "steps": results, "ratios": ratios(results)}
+            "matmul_flops_per_s_before_after": [rate_before, rate_after], "steps": results, "ratios": ratios(results),
+            "sampling": sampling, "data": data}
+
+
+def steps_in(name: str, config: ml_collections.ConfigDict) -> int:
+    """Train steps (batches) in one timed entry: k for the refine cycle, else 1."""
+    return config.refine.generator_every if name.startswith("refine") else 1
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -241,7 +335,8 @@ def main(argv: list[str]) -> None:
     name = config_flags.get_config_filename(flags.FLAGS["config"])
     overrides = config_flags.get_override_values(flags.FLAGS["config"])
     report = {"config": name + "".join(f" --config.{k}={v}" for k, v in sorted(_flatten(overrides).items())),
-              **run(config, steps=_STEPS.value, warmup=_WARMUP.value, matmul_size=_MATMUL_SIZE.value)}
+              **run(config, steps=_STEPS.value, warmup=_WARMUP.value, matmul_size=_MATMUL_SIZE.value,
+                    teacher_steps=_TEACHER_STEPS.value, time_data=_DATA.value)}
     text = json.dumps(report, indent=2)
     print(text)
     print()

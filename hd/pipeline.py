@@ -89,6 +89,7 @@ def run_pipeline(config_path: str, workdir: str, profile: str = "default", overr
     configs = stage_configs(config_path, workdir, profile, overrides)
     dirs = stage_dirs(workdir)
     timings = {}
+    pipeline_start = time.perf_counter()
     for stage in ("teacher", "sketch", "refine"):
         if finished(dirs[stage], configs[stage].num_steps):
             logging.info("%s: finished earlier (%s), skipping", stage, dirs[stage])
@@ -114,6 +115,7 @@ def run_pipeline(config_path: str, workdir: str, profile: str = "default", overr
         print(f"  {e['model']} {e['sampler']}-{e['steps']}: {e['grid']}")
     for stage, seconds in timings.items():
         print(f"{stage}: {seconds / 60:.1f} min")
+    print(f"total (this invocation): {(time.perf_counter() - pipeline_start) / 60:.1f} min")
     return entries
 
 

@@ -66,7 +66,8 @@ def train_classifier(data_cfg: ml_collections.ConfigDict, directory: str, *, num
     if os.path.exists(info_path):  # the cache is checked before the training split is read
         with open(info_path) as f:
             info = json.load(f)
-        if info["num_steps"] == num_steps and info["data"] == data_cfg.to_dict():
+        # Compared as JSON: the stored dict has lists where the config has tuples.
+        if info["num_steps"] == num_steps and info["data"] == json.loads(json.dumps(data_cfg.to_dict())):
             return ocp.StandardCheckpointer().restore(ckpt_path), info["test_accuracy"]
 
     data = make_batch_iterator(_split_cfg(data_cfg, "train"), global_batch_size=batch_size, seed=seed)
@@ -90,8 +91,9 @@ def train_classifier(data_cfg: ml_collections.ConfigDict, directory: str, *, num
     for i in range(num_steps):
         params, opt_state, loss = step(params, opt_state, next(data))
         if (i + 1) % max(num_steps // 5, 1) == 0:
-            logging.info("classifier step %d/%d: loss %.4f (%.0f s)", i + 1, num_steps, float(loss),
-                         time.perf_counter() - start)
+            elapsed = time.perf_counter() - start
+            logging.info("classifier step %d/%d: loss %.4f (%.0f s, ETA %.0f s)", i + 1, num_steps, float(loss),
+                         elapsed, elapsed / (i + 1) * (num_steps - i - 1))
     reference = reference_data(data_cfg, 10_000)
     _, predictions = classify(params, data_cfg.num_classes, reference["x"])
     accuracy = float(np.mean(predictions == reference["y"]))

@@ -158,7 +158,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, rows: list[Row] | 
 
     entries = []
     os.makedirs(os.path.join(workdir, "grids"), exist_ok=True)
-    for row in rows:
+    # Sampling time grows with NFE: the ETA scales the seconds per NFE so far by the NFE still to come.
+    total_nfe, done_nfe, sampling_seconds = sum(r.nfe for r in rows), 0, 0.0
+    for index, row in enumerate(rows):
         sample = jax.jit(_sampler(model, row, config.data.num_classes, ev.cfg_scale),
                          in_shardings=(parallel.replicated(mesh), batch_sharding, batch_sharding),
                          out_shardings=batch_sharding)
@@ -170,6 +172,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, rows: list[Row] | 
                    for i, z in enumerate(noise)]
         seconds = time.perf_counter() - start
         samples = np.concatenate(outputs)
+        done_nfe, sampling_seconds = done_nfe + row.nfe, sampling_seconds + seconds
 
         entry = dict(model=row.name, sampler=row.sampler, steps=row.steps, nfe=row.nfe, **scorer.score(samples),
                      n_samples=n, seconds_per_image=seconds / n, feature_net=scorer.features.kind,
@@ -182,6 +185,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, rows: list[Row] | 
         logging.info("%s: fd %.3f precision %.3f recall %.3f class-consistency %s (%.2f ms/image)", row.label,
                      entry["fd"], entry.get("precision", float("nan")), entry.get("recall", float("nan")),
                      entry["class_consistency"], 1e3 * entry["seconds_per_image"])
+        logging.info("eval row %d/%d done; ETA %.0f s", index + 1, len(rows),
+                     sampling_seconds / done_nfe * (total_nfe - done_nfe))
         entries.append(entry)
 
     write_results(entries, workdir)
