@@ -12,7 +12,6 @@ variant in WORKDIR/ablation/<row>, and writes WORKDIR/ablation/ablation.{json,md
 from __future__ import annotations
 
 import copy
-import json
 import os
 
 from absl import app, flags, logging
@@ -20,6 +19,9 @@ from absl import app, flags, logging
 # The pipeline's flags (--config, --workdir, --profile, --set) mean the same here.
 from hd.pipeline import finished, stage_configs, stage_dirs
 
+# The teacher from one step to the many-step result a one-step generator is measured against.
+TEACHER_ROWS = {"default": (("euler", 1), ("euler", 4), ("euler", 16), ("euler", 64), ("heun", 8)),
+                "tiny": (("euler", 1), ("euler", 4))}
 # Refine rows: name -> overrides of the refine config.
 REFINE_ROWS = {
     "dmd_only": {"generator_init": "teacher", "gan_head": "awd"},
@@ -31,7 +33,9 @@ REFINE_ROWS = {
 
 def run_ablation(config_path: str, workdir: str, profile: str = "default", overrides: tuple[str, ...] = ()
                  ) -> list[dict]:
-    from hd.eval.evaluator import Row, evaluate, results_table
+    import jax
+
+    from hd.eval.evaluator import Row, evaluate, results_table, write_results
     from hd.train.loop import train
 
     configs = stage_configs(config_path, workdir, profile, overrides)
@@ -41,7 +45,7 @@ def run_ablation(config_path: str, workdir: str, profile: str = "default", overr
             train(configs[stage], dirs[stage])
 
     out = os.path.join(os.path.abspath(workdir), "ablation")
-    rows = [Row("teacher", dirs["teacher"], "euler", n) for n in configs["eval"].eval.teacher_euler_steps]
+    rows = [Row("teacher", dirs["teacher"], sampler, n) for sampler, n in TEACHER_ROWS[profile]]
     rows.append(Row("sketch_only", dirs["sketch"], "mean_flow", 1))
     for name, changes in REFINE_ROWS.items():
         config = copy.deepcopy(configs["refine"])
@@ -55,10 +59,8 @@ def run_ablation(config_path: str, workdir: str, profile: str = "default", overr
         rows.append(Row(name, row_dir, "mean_flow", 1))
 
     entries = evaluate(configs["eval"], os.path.join(out, "eval"), rows)
-    with open(os.path.join(out, "ablation.json"), "w") as f:
-        json.dump(entries, f, indent=2)
-    with open(os.path.join(out, "ablation.md"), "w") as f:
-        f.write(results_table(entries) + "\n")
+    if jax.process_index() == 0:
+        write_results(entries, out, "ablation")
     print(results_table(entries))
     return entries
 

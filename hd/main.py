@@ -1,29 +1,53 @@
-"""Entry point: python -m hd.main --config=configs/X.py:VARIANT --workdir=DIR [--config.a.b=v ...]"""
+"""Entry point: python -m hd.main --config=configs/X.py:VARIANT --workdir=DIR [--config.a.b=v ...]
+
+Several processes (one per host, or per accelerator): start the same command in each with
+`--coordinator_address=HOST:PORT --num_processes=N --process_id=I` (or JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES, JAX_PROCESS_ID in the environment), all pointing at one shared work directory. Under SLURM
+(SLURM_NTASKS > 1) and on multi-worker Cloud TPU slices they may be left out: JAX detects them.
+"""
 
 from __future__ import annotations
 
 from absl import app, flags
 from ml_collections import config_flags
 
+from hd import parallel
 from hd.logs import quiet_library_logs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file and variant, e.g. configs/toy2d.py:teacher.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory of this stage (checkpoints, logs, samples).")
+_DISTRIBUTED = parallel.define_distributed_flags()  # --coordinator_address, --num_processes, --process_id
+flags.adopt_module_key_flags(parallel)  # listed by --help
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv: list[str]) -> None:
     del argv
     quiet_library_logs()
-    config, workdir = _CONFIG.value, _WORKDIR.value
-    if config.stage == "eval":
-        import jax
+    # Before anything touches a jax device.
+    parallel.initialize_distributed(*(holder.value for holder in _DISTRIBUTED))
+    parallel.log_topology()
+    try:
+        run(_CONFIG.value, _WORKDIR.value)
+    except SystemExit:  # Preempted (status 143): every process stops at the same step, so leave together
+        parallel.shutdown_distributed()
+        raise
+    # Other errors skip the shutdown barrier: the process exits at once and the others learn it from the
+    # coordination service instead of waiting for it at the barrier.
+    parallel.shutdown_distributed()
 
+
+def run(config, workdir: str) -> None:
+    import jax
+
+    if config.stage == "eval":
         from hd.config import validate
         from hd.eval.evaluator import evaluate, results_table
 
         validate(config, jax.device_count())
-        print(results_table(evaluate(config, workdir)))
+        table = results_table(evaluate(config, workdir))
+        if jax.process_index() == 0:
+            print(table)
         return
     from hd.train.loop import train  # after flag parsing: keeps --help fast
 

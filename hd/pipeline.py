@@ -17,10 +17,13 @@ import time
 import ml_collections
 from absl import app, flags, logging
 
+from hd import parallel
+
 _CONFIG = flags.DEFINE_string("config", None, "Config file with per-stage variants, e.g. configs/fashion_mnist.py.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Pipeline work directory; each stage gets a sub-directory.")
 _PROFILE = flags.DEFINE_enum("profile", "default", ["default", "tiny"], "Which set of variants to run.")
 _SET = flags.DEFINE_multi_string("set", [], "Override for every stage, KEY=VALUE (e.g. seed=1).")
+_DISTRIBUTED = parallel.define_distributed_flags()  # several processes: as for hd.main
 
 VARIANTS = {
     "default": {"teacher": "teacher", "sketch": "sketch", "refine": "refine", "eval": "eval"},
@@ -109,13 +112,16 @@ def run_pipeline(config_path: str, workdir: str, profile: str = "default", overr
         start = time.perf_counter()
         entries = evaluate(configs["eval"], dirs["eval"])
         timings["eval"] = time.perf_counter() - start
-    print(results_table(entries))
-    print("\nSample grids:")
-    for e in entries:
-        print(f"  {e['model']} {e['sampler']}-{e['steps']}: {e['grid']}")
-    for stage, seconds in timings.items():
-        print(f"{stage}: {seconds / 60:.1f} min")
-    print(f"total (this invocation): {(time.perf_counter() - pipeline_start) / 60:.1f} min")
+    import jax
+
+    if jax.process_index() == 0:
+        print(results_table(entries))
+        print("\nSample grids:")
+        for e in entries:
+            print(f"  {e['model']} {e['sampler']}-{e['steps']}: {e['grid']}")
+        for stage, seconds in timings.items():
+            print(f"{stage}: {seconds / 60:.1f} min")
+        print(f"total (this invocation): {(time.perf_counter() - pipeline_start) / 60:.1f} min")
     return entries
 
 
@@ -123,7 +129,14 @@ def main(argv: list[str]) -> None:
     del argv
     from hd.logs import quiet_library_logs
     quiet_library_logs()
-    run_pipeline(_CONFIG.value, _WORKDIR.value, _PROFILE.value, tuple(_SET.value))
+    parallel.initialize_distributed(*(holder.value for holder in _DISTRIBUTED))  # before any device is touched
+    parallel.log_topology()
+    try:
+        run_pipeline(_CONFIG.value, _WORKDIR.value, _PROFILE.value, tuple(_SET.value))
+    except SystemExit:  # preempted: every process stops at the same step, so leave together
+        parallel.shutdown_distributed()
+        raise
+    parallel.shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import os
+import io
 
 import numpy as np
+from etils import epath
 from PIL import Image
 
 
@@ -33,5 +34,9 @@ def points_image(points: np.ndarray, size: int = 256, extent: float = 4.0) -> np
 
 
 def save_png(image: np.ndarray, path: str) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
+    """Write a PNG to a local path or a bucket (gs://...), creating the folder."""
+    buffer = io.BytesIO()
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, format="PNG")
+    target = epath.Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(buffer.getvalue())

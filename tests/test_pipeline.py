@@ -7,7 +7,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 
 from hd import pipeline
 from hd.checkpoint import latest_step
@@ -40,9 +39,33 @@ def test_pipeline_runs_every_stage_then_skips_everything(tmp_path, monkeypatch):
     for stage in ("teacher", "sketch", "refine"):
         assert latest_step(str(tmp_path / stage)) == configs[stage].num_steps
 
-    # A second invocation trains and evaluates nothing.
+    # The ablation on the same work directory trains only its three extra refine rows (the full-HD row is the
+    # pipeline's refine stage) and scores every row with the same evaluation.
     import hd.eval.evaluator
     import hd.train.loop
+    from hd import ablation
+
+    trained = []
+    real_train = hd.train.loop.train
+    monkeypatch.setattr(hd.train.loop, "train", lambda config, workdir: trained.append(workdir) or real_train(config, workdir))
+    ablation_entries = ablation.run_ablation(CONFIG, str(tmp_path), "tiny")
+    assert sorted(os.path.basename(w) for w in trained) == ["dmd_only", "sketch_dmd", "sketch_dmd_gap"]
+    assert [(e["model"], e["sampler"], e["steps"]) for e in ablation_entries] == [
+        ("teacher", "euler", 1), ("teacher", "euler", 4), ("sketch_only", "mean_flow", 1),
+        ("dmd_only", "mean_flow", 1), ("sketch_dmd", "mean_flow", 1), ("sketch_dmd_gap", "mean_flow", 1),
+        ("sketch_dmd_awd", "mean_flow", 1)]
+    with open(tmp_path / "ablation" / "ablation.json") as f:
+        assert json.load(f) == ablation_entries
+    assert (tmp_path / "ablation" / "ablation.md").read_text().count("\n| ") == len(ablation_entries) + 1
+    awd = next(e for e in ablation_entries if e["model"] == "sketch_dmd_awd")
+    assert awd["workdir"] == str(tmp_path / "refine")
+    for name in ("dmd_only", "sketch_dmd", "sketch_dmd_gap"):
+        assert latest_step(str(tmp_path / "ablation" / name)) == configs["refine"].num_steps
+    with open(tmp_path / "ablation" / "dmd_only" / "config.json") as f:
+        dmd_only = json.load(f)["refine"]
+    assert dmd_only["generator_init"] == "teacher"
+
+    # A second invocation trains and evaluates nothing.
 
     def fail(*args, **kwargs):
         raise AssertionError("the second invocation must not train or evaluate")

@@ -99,11 +99,14 @@ def train_classifier(data_cfg: ml_collections.ConfigDict, directory: str, *, num
     accuracy = float(np.mean(predictions == reference["y"]))
 
     os.makedirs(directory, exist_ok=True)
+    # Every process trained the same classifier; host arrays are written once (by process 0) in orbax's
+    # collective save, which all processes must enter.
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(ckpt_path, params, force=True)
+    checkpointer.save(ckpt_path, jax.device_get(params), force=True)
     checkpointer.wait_until_finished()
-    with open(info_path, "w") as f:
-        json.dump({"num_steps": num_steps, "data": data_cfg.to_dict(), "test_accuracy": accuracy}, f, indent=2)
+    if jax.process_index() == 0:
+        with open(info_path, "w") as f:
+            json.dump({"num_steps": num_steps, "data": data_cfg.to_dict(), "test_accuracy": accuracy}, f, indent=2)
     return params, accuracy
 
 

@@ -163,7 +163,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, rows: list[Row] | 
     for index, row in enumerate(rows):
         sample = jax.jit(_sampler(model, row, config.data.num_classes, ev.cfg_scale),
                          in_shardings=(parallel.replicated(mesh), batch_sharding, batch_sharding),
-                         out_shardings=batch_sharding)
+                         out_shardings=parallel.replicated(mesh))  # every process reads all samples
         row_params = jax.device_put(params[row.workdir], parallel.replicated(mesh))
         put = lambda a: jax.device_put(a, batch_sharding)
         jax.block_until_ready(sample(row_params, put(noise[0]), put(labels[:bs])))  # compile outside the timing
@@ -180,7 +180,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, rows: list[Row] | 
         grid = visualize.points_image(samples) if len(data_shape) == 1 else visualize.image_grid(
             samples[grid_index], config.data.num_classes)
         grid_path = os.path.join(workdir, "grids", f"{row.name}_{row.sampler}_{row.steps}.png")
-        visualize.save_png(grid, grid_path)
+        if jax.process_index() == 0:
+            visualize.save_png(grid, grid_path)
         entry["grid"] = grid_path
         logging.info("%s: fd %.3f precision %.3f recall %.3f class-consistency %s (%.2f ms/image)", row.label,
                      entry["fd"], entry.get("precision", float("nan")), entry.get("recall", float("nan")),
@@ -189,7 +190,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, rows: list[Row] | 
                      sampling_seconds / done_nfe * (total_nfe - done_nfe))
         entries.append(entry)
 
-    write_results(entries, workdir)
+    if jax.process_index() == 0:
+        write_results(entries, workdir)
     return entries
 
 
@@ -204,13 +206,15 @@ def results_table(entries: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_results(entries: list[dict], workdir: str) -> None:
-    with open(os.path.join(workdir, "results.json.tmp"), "w") as f:
+def write_results(entries: list[dict], workdir: str, name: str = "results") -> None:
+    """NAME.json (every field) and NAME.md (the table, after a line naming the feature net) in `workdir`."""
+    path = os.path.join(workdir, name)
+    with open(path + ".json.tmp", "w") as f:
         json.dump(entries, f, indent=2)
-    os.replace(os.path.join(workdir, "results.json.tmp"), os.path.join(workdir, "results.json"))
+    os.replace(path + ".json.tmp", path + ".json")
     first = entries[0]
     note = (f"Features: {first['feature_net']}"
             + (f" (test accuracy {first['feature_net_test_accuracy']:.4f})" if first["feature_net_test_accuracy"]
                else "") + f"; {first['n_samples']} samples per row.\n\n")
-    with open(os.path.join(workdir, "results.md"), "w") as f:
+    with open(path + ".md", "w") as f:
         f.write(note + results_table(entries) + "\n")

@@ -21,7 +21,8 @@ def build_model(model_cfg: ml_collections.ConfigDict, data_shape: tuple[int, ...
         return DiT(input_size=data_shape[0], in_channels=data_shape[-1], num_classes=num_classes,
                    patch_size=model_cfg.patch_size, hidden_size=hidden, depth=depth, num_heads=heads,
                    mlp_ratio=model_cfg.mlp_ratio, learn_sigma=model_cfg.learn_sigma,
-                   time_scale=model_cfg.time_scale, dtype=dtype)
+                   time_scale=model_cfg.time_scale, dtype=dtype, remat=model_cfg.get("remat", False),
+                   scan_blocks=model_cfg.get("scan_blocks", False))
     if model_cfg.name == "mlp":
         return MLP(in_features=data_shape[-1], num_classes=num_classes, width=model_cfg.width,
                    depth=model_cfg.depth, time_scale=model_cfg.time_scale, dtype=dtype)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import time
 from typing import Any, Callable, Sequence
 
@@ -15,11 +14,12 @@ import ml_collections
 import numpy as np
 from absl import logging
 from clu import metrics
+from etils import epath
 from jax.sharding import Mesh, NamedSharding
 
 from hd import parallel, visualize
 from hd.checkpoint import Checkpointer, abstract_like
-from hd.config import validate
+from hd.config import check_example_shape, validate
 from hd.data import make_batch_iterator
 from hd.train.stages import Stage, build_stage
 
@@ -29,18 +29,19 @@ class NonFiniteError(RuntimeError):
 
 
 class Preempted(SystemExit):
-    """Raised after SIGTERM once a checkpoint is on disk; exit status 143 like a process killed by SIGTERM."""
+    """Raised after SIGTERM (any process's, with several) once a checkpoint is on disk; exit status 143 like a
+    process killed by SIGTERM."""
 
     def __init__(self):
         super().__init__(143)
 
 
 def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-    path = os.path.join(workdir, "config.json")
-    if jax.process_index() == 0:
-        with open(path + ".tmp", "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
-        os.replace(path + ".tmp", path)
+    if jax.process_index() == 0:  # the work directory is shared by all processes
+        path = epath.Path(workdir) / "config.json"  # a local path or a URL (gs://...)
+        tmp = path.with_name("config.json.tmp")
+        tmp.write_text(config.to_json_best_effort(indent=2))
+        tmp.replace(path)
 
 
 def grid_inputs(config: ml_collections.ConfigDict, data_shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
@@ -94,12 +95,18 @@ def compile_train_step(stage: Stage, mesh: Mesh, rules: Sequence[tuple[str, str]
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Run (or resume) the stage named by `config.stage` in `workdir`; returns the last metrics."""
+    """Run (or resume) the stage named by `config.stage` in `workdir`; returns the last metrics.
+
+    With several processes (parallel.initialize_distributed), every process runs this with the same config and
+    work directory (a shared file system): each reads its own rows of every batch, all save and restore the
+    checkpoints together, and only process 0 writes config.json, TensorBoard events and sample PNGs. Nothing
+    that a collective waits on runs on one process only: sharded values are gathered on all, then written on 0.
+    """
     # Config and data are checked before anything is compiled or written.
     validate(config, jax.device_count())
     data = make_batch_iterator(config.data, global_batch_size=config.batch_size, seed=config.seed,
                                process_index=jax.process_index(), process_count=jax.process_count())
-    data_shape = tuple(data.source.example_shape)
+    data_shape = check_example_shape(config.data, data.source.example_shape)  # == config.data.example_shape if set
     stage: Stage = build_stage(config, data_shape)
 
     # Mesh and shardings: parameters and optimizer states by rules, batches over all devices.
@@ -108,8 +115,17 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     abstract_state = jax.eval_shape(stage.init_state, jax.random.PRNGKey(config.seed))
     train_step, state_sharding, frozen_sharding, batch_sharding = compile_train_step(
         stage, mesh, rules, abstract_state)
-    sample = jax.jit(stage.sample)
-    grid_noise, grid_labels = grid_inputs(config, data_shape)
+    # The data iterator gives process p rows [p*b, (p+1)*b) of every global batch (b = batch / processes); the
+    # mesh must put exactly those rows on p's devices (parallel.make_mesh orders devices by process).
+    rows = parallel.process_batch_rows(batch_sharding, config.batch_size)
+    local = config.batch_size // jax.process_count()
+    if (rows.start, rows.stop) != (jax.process_index() * local, (jax.process_index() + 1) * local):
+        raise ValueError(f"process {jax.process_index()}: the mesh puts batch rows [{rows.start}, {rows.stop}) on "
+                         f"this process's devices, the data iterator reads rows [{jax.process_index() * local}, "
+                         f"{(jax.process_index() + 1) * local})")
+    # Samples come back replicated, so every process can read them (np.asarray) and process 0 writes them.
+    sample = jax.jit(stage.sample, out_shardings=parallel.replicated(mesh))
+    grid_noise, grid_labels = grid_inputs(config, data_shape)  # uncommitted: the same on every process
 
     # Compile the step and trace the sampler before the work directory is touched, so a value that only fails
     # here (e.g. a patch size that does not tile the image) leaves an existing run as it was. The loop runs
@@ -124,7 +140,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     jax.eval_shape(stage.sample, abstract_state, stage.frozen, grid_noise, grid_labels)
 
     # State: newest complete checkpoint of this work directory, else fresh (or handed over by the stage).
-    os.makedirs(workdir, exist_ok=True)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
     try:
         if checkpointer.latest_step() is not None:
@@ -145,12 +161,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     if int(state.step) == 0:
-        parameter_overview.log_parameter_overview(state.params)
+        # Several processes: statistics by a jitted reduction on every process (the parameters may be sharded
+        # over processes), logged by process 0.
+        multi = jax.process_count() > 1
+        parameter_overview.log_parameter_overview(state.params, include_stats="global" if multi else True,
+                                                  jax_logging_process=0 if multi else None)
         writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()})
     progress = periodic_actions.ReportProgress(num_train_steps=config.num_steps, writer=writer,
                                                every_steps=config.log_every)
 
-    def write_samples(step: int) -> None:
+    def write_samples(step: int) -> None:  # on every process: the sampler is a collective
         t0 = time.perf_counter()
         images = np.asarray(jax.device_get(sample(state, frozen, grid_noise, grid_labels)))
         grid = render_samples(config, images)
@@ -166,18 +186,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
         scorer = SampleScorer(config, os.path.join(workdir, "eval"))
 
-    def write_scores(step: int) -> dict:
+    def write_scores(step: int) -> dict:  # on every process, like write_samples
         samples = np.asarray(jax.device_get(sample(state, frozen, scorer.noise, scorer.labels)))
         scores = {f"eval/{k}": v for k, v in scorer.score(samples).items() if v is not None}
         writer.write_scalars(step, scores)
         return scores
 
-    preempted = []
-    previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
     step = int(state.step)
     averages, last = None, {}
     try:
-        with metric_writers.ensure_flushes(writer):
+        with metric_writers.ensure_flushes(writer), parallel.PreemptionNotice() as notice:
             while step < config.num_steps:
                 batch = parallel.global_batch(next(data), batch_sharding)
                 with jax.profiler.StepTraceAnnotation("train", step_num=step):
@@ -186,6 +204,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 averages = (_first_averages(step_metrics) if averages is None
                             else _merge_averages(averages, step_metrics))
                 progress(step)
+                preempted = notice.reached(step)  # the same answer on every process
 
                 if step % config.log_every == 0 or step == config.num_steps:
                     last = {k: float(v.compute()) for k, v in jax.device_get(averages).items()}
@@ -201,14 +220,17 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     checkpointer.save(step, state, data.get_state())
                 if preempted:
                     checkpointer.wait()
-                    logging.warning("SIGTERM: saved checkpoint at step %d, exiting", step)
+                    if notice.synced:
+                        logging.warning("SIGTERM: saved checkpoint at step %d, the step all %d processes agreed "
+                                        "on; exiting", step, jax.process_count())
+                    else:
+                        logging.warning("SIGTERM: saved checkpoint at step %d, exiting", step)
                     raise Preempted()
                 if (config.sample_every and step % config.sample_every == 0) or step == config.num_steps:
                     write_samples(step)
                 if scorer is not None and (step % config.eval_every == 0 or step == config.num_steps):
                     last.update(write_scores(step))
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
         checkpointer.close()
     return last
 

@@ -89,6 +89,13 @@ def sketch_stage(config: ml_collections.ConfigDict, data_shape: tuple[int, ...])
     teacher_params = None
     if config.sketch.target == "teacher" or config.sketch.teacher_workdir:
         teacher_params = load_teacher(model, data_shape, config.sketch.teacher_workdir)
+    return sketch_stage_from(config, data_shape, teacher_params)
+
+
+def sketch_stage_from(config: ml_collections.ConfigDict, data_shape: tuple[int, ...], teacher_params: Any) -> Stage:
+    """The sketch stage around given teacher parameters (a checkpoint's, random ones for benchmarks, or
+    ShapeDtypeStructs for compile checks); None = a student from scratch and no frozen tree (target 'data')."""
+    model = build_model(config.model, data_shape, config.data.num_classes)
     optimizer = make_optimizer(config.optimizer)
     sampler = mean_flow_sampler(model, config.sample.num_steps)
 
@@ -168,6 +175,29 @@ def copy_with(config: ml_collections.ConfigDict, updates: dict[str, Any]) -> ml_
             node = node[p]
         node[leaf] = value
     return out
+
+
+def abstract_stage(config: ml_collections.ConfigDict, data_shape: tuple[int, ...], key: jax.Array | None = None
+                   ) -> tuple[Stage, Any]:
+    """(stage, abstract state) without any checkpoint or array: the teacher and generator trees the stage would
+    load are ShapeDtypeStructs of the configured architecture, and the state is traced with `jax.eval_shape`
+    with them as inputs. The stage's `step` and `frozen` are what `build_stage` gives (the step can be lowered
+    and compiled ahead of time, e.g. for a TPU slice); its `init_state` only works under tracing."""
+    key = jax.random.PRNGKey(config.seed) if key is None else key
+    if config.stage == "teacher":
+        stage = teacher_stage(config, data_shape)
+        return stage, jax.eval_shape(stage.init_state, key)
+    model = build_model(config.model, data_shape, config.data.num_classes)
+    params = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0), data_shape))
+    if config.stage == "sketch":
+        teacher = params if (config.sketch.target == "teacher" or config.sketch.teacher_workdir) else None
+        state = jax.eval_shape(lambda t, k: sketch_stage_from(config, data_shape, t).init_state(k), teacher, key)
+        return sketch_stage_from(config, data_shape, teacher), state
+    if config.stage == "refine":
+        state = jax.eval_shape(lambda t, g, k: refine_stage_from(config, data_shape, t, g).init_state(k),
+                               params, params, key)
+        return refine_stage_from(config, data_shape, params, params), state
+    raise ValueError(f"config.stage={config.stage!r} has no trainer; available: teacher, sketch, refine")
 
 
 def build_stage(config: ml_collections.ConfigDict, data_shape: tuple[int, ...]) -> Stage:
