@@ -4,7 +4,8 @@ and students, batch 256, bfloat16 compute, fully sharded over a TPU slice.
 Variants: teacher, sketch (stage 1), refine (stage 2).
 
 Data: a TFDS dataset of pre-computed latents that you prepare (data.tfds_name, ArrayRecord format) with the
-latent array under data.image_key and the class under data.label_key. It is not on this machine: the shape is
+latent array under data.image_key (float, already multiplied by the VAE's scale factor; float features are
+read as they are, uint8 ones mapped to [-1, 1]) and the class under data.label_key. It is not on this machine: the shape is
 given by data.example_shape, so `python -m hd.compile_check --config=configs/imagenet256.py:sketch
 --topology=v4:2x2x4` lowers and compiles the real step for a TPU slice without it (README, "TPU compile check").
 

@@ -42,6 +42,8 @@ _MATMUL_SIZE = flags.DEFINE_integer("matmul_size", 2048, "Side of the square flo
 _JSON_OUT = flags.DEFINE_string("json_out", "", "Also write the JSON report to this file.")
 _TEACHER_STEPS = flags.DEFINE_integer("teacher_steps", 32, "Euler steps of the teacher sampler in the sampling row.")
 _DATA = flags.DEFINE_bool("data", True, "Time the input pipeline (reads the config's dataset).")
+_STAGES = flags.DEFINE_list("stages", ["teacher", "sketch", "refine"],
+                            "Steps to time; the teacher's is always timed (the baseline of the ratios).")
 flags.mark_flags_as_required(["config"])
 
 # Ratio of each step to the teacher's flow-matching step that the design aims for.
@@ -125,11 +127,16 @@ def compile_step(step_fn: Callable, args: tuple) -> tuple[Any, dict]:
     t0 = time.perf_counter()
     compiled = jax.jit(step_fn, donate_argnums=(0,)).lower(*args).compile()
     compile_s = time.perf_counter() - t0
-    flops = float(_first(compiled.cost_analysis()).get("flops", float("nan")))
+    cost = _first(compiled.cost_analysis())
+    flops = float(cost.get("flops", float("nan")))
+    # Bytes read and written by all ops as XLA counts them: a low FLOPs-per-byte ratio means the step is bound
+    # by memory traffic (normalisations, modulations, attention softmax), not by the matmul units.
+    bytes_accessed = float(cost.get("bytes accessed", float("nan")))
     mem = compiled.memory_analysis()
     memory = {k: int(getattr(mem, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp")}
     memory["peak"] = memory["argument"] + memory["output"] - memory["alias"] + memory["temp"]
-    return compiled, {"compile_s": compile_s, "flops": flops, "memory_bytes": memory}
+    return compiled, {"compile_s": compile_s, "flops": flops, "bytes_accessed": bytes_accessed,
+                      "flops_per_byte": flops / bytes_accessed, "memory_bytes": memory}
 
 
 def time_steps(compiled: dict[str, Any], args: dict[str, tuple], *, steps: int, warmup: int) -> dict[str, list]:
@@ -258,7 +265,8 @@ def table(report: dict) -> str:
     for name, r in report["steps"].items():
         if r.get("mfu_goal") is not None:
             lines.append(f"{name}: MFU {r['mfu']:.1%}, goal >= {r['mfu_goal']:.0%} "
-                         f"{'met' if r['mfu_goal_met'] else 'NOT met'}")
+                         f"{'met' if r['mfu_goal_met'] else 'NOT met'}; {r['bytes_accessed'] / 1e9:.1f} GB accessed, "
+                         f"{r['flops_per_byte']:.1f} FLOP/byte")
     sampling = report.get("sampling")
     if sampling:
         for name, r in sampling.items():
@@ -274,9 +282,10 @@ def table(report: dict) -> str:
 
 
 def run(config: ml_collections.ConfigDict, *, steps: int, warmup: int, matmul_size: int, teacher_steps: int = 32,
-        time_data: bool = True) -> dict:
+        time_data: bool = True, stages: tuple[str, ...] = ("teacher", "sketch", "refine")) -> dict:
     shape = data_shape(config)
-    entries = train_steps(config, shape)
+    entries = {name: entry for name, entry in train_steps(config, shape).items()
+               if name == "teacher" or name.split("_")[0] in stages}
     compiled, results = {}, {}
     for name, (fn, args) in entries.items():
         compiled[name], results[name] = compile_step(fn, args)
@@ -327,6 +336,9 @@ def main(argv: list[str]) -> None:
     from hd.config import validate
 
     config = _CONFIG.value
+    unknown = set(_STAGES.value) - {"teacher", "sketch", "refine"}
+    if unknown:
+        raise app.UsageError(f"--stages: unknown {sorted(unknown)}; choose from teacher, sketch, refine")
     # The usual checks (a bad override fails here), minus the teacher checkpoint this benchmark does not read.
     checked = config.copy_and_resolve_references()
     checked.sketch.teacher_workdir = checked.sketch.teacher_workdir or "(bench: random teacher)"
@@ -336,7 +348,7 @@ def main(argv: list[str]) -> None:
     overrides = config_flags.get_override_values(flags.FLAGS["config"])
     report = {"config": name + "".join(f" --config.{k}={v}" for k, v in sorted(_flatten(overrides).items())),
               **run(config, steps=_STEPS.value, warmup=_WARMUP.value, matmul_size=_MATMUL_SIZE.value,
-                    teacher_steps=_TEACHER_STEPS.value, time_data=_DATA.value)}
+                    teacher_steps=_TEACHER_STEPS.value, time_data=_DATA.value, stages=tuple(_STAGES.value))}
     text = json.dumps(report, indent=2)
     print(text)
     print()

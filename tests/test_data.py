@@ -242,3 +242,15 @@ def test_real_fashion_mnist(tmp_path):
     assert train.num_examples == 60000
     assert next(BatchIterator(train, global_batch_size=256, seed=0))["x"].shape == (256, 28, 28, 1)
     print(f"Fashion-MNIST build: {build_seconds:.1f} s")
+
+
+def test_float_features_pass_through_and_uint8_maps_to_unit_range():
+    latents = np.random.default_rng(0).standard_normal((4, 2, 2, 4)).astype(np.float16)
+    source = ArraySource(latents, np.arange(4), num_classes=4)
+    batch = source.get(np.array([2, 0]))
+    assert batch["x"].dtype == np.float32
+    np.testing.assert_array_equal(batch["x"], latents[[2, 0]].astype(np.float32))
+    pixels = ArraySource(np.array([0, 255], np.uint8).reshape(2, 1, 1, 1), np.arange(2), num_classes=2)
+    np.testing.assert_allclose(pixels.get(np.arange(2))["x"].ravel(), [-1.0, 1.0])
+    with pytest.raises(ValueError, match="uint8 or float"):
+        ArraySource(np.zeros((2, 1, 1, 1), np.int32), np.arange(2), num_classes=2)

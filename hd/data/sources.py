@@ -52,17 +52,23 @@ class Source:
 
 
 def _to_float_images(images: np.ndarray) -> np.ndarray:
-    return images.astype(np.float32) * (2.0 / 255.0) - 1.0
+    """uint8 pixels to [-1, 1]; float features (e.g. VAE latents, already scaled) pass through as float32."""
+    if images.dtype == np.uint8:
+        return images.astype(np.float32) * (2.0 / 255.0) - 1.0
+    return images.astype(np.float32)
+
+
+def _supported_dtype(dtype: np.dtype) -> bool:
+    return dtype == np.uint8 or np.issubdtype(dtype, np.floating)
 
 
 class ArraySource(Source):
-    """A finite dataset held in memory as uint8 NHWC images and integer labels."""
+    """A finite dataset held in memory as NHWC uint8 images (or float features such as latents) and labels."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, num_classes: int):
-        if images.dtype != np.uint8 or images.ndim != 4 or len(images) != len(labels):
-            raise ValueError(
-                f"want uint8 NHWC images and one label each, got {images.shape} {images.dtype}, {labels.shape}"
-            )
+        if not _supported_dtype(images.dtype) or images.ndim != 4 or len(images) != len(labels):
+            raise ValueError(f"want uint8 or float NHWC arrays and one label each, got {images.shape} "
+                             f"{images.dtype}, {labels.shape}")
         # Kept as uint8 (4x smaller); conversion per batch is cheap next to a train step.
         self.images, self.labels = images, labels.astype(np.int32)
         self.num_examples, self.num_classes = len(images), num_classes
@@ -140,19 +146,20 @@ def open_tfds(name: str, data_dir: str, split: str, *, image_key: str = "image",
         )
     num_classes = num_classes if num_classes is not None else dataset_classes
     image_feature = features[image_key]
-    if image_feature.np_dtype != np.uint8 or None in image_feature.shape:
-        raise ValueError(f"'{name}' feature '{image_key}' must be uint8 with a fixed shape, got "
-                         f"{image_feature.np_dtype} {image_feature.shape}")
+    if not _supported_dtype(image_feature.np_dtype) or None in image_feature.shape:
+        raise ValueError(f"'{name}' feature '{image_key}' must be uint8 (images) or float (e.g. latents) with a "
+                         f"fixed shape, got {image_feature.np_dtype} {image_feature.shape}")
     example_shape = tuple(image_feature.shape)
     if len(example_shape) == 2:  # Grayscale without a channel axis.
         example_shape = (*example_shape, 1)
 
     source = TfdsSource(builder.as_data_source(split=split), image_key, label_key, num_classes, example_shape)
-    if source.num_examples * np.prod(example_shape) > max_in_memory_mb * 2**20:
+    split_bytes = source.num_examples * np.prod(example_shape) * np.dtype(image_feature.np_dtype).itemsize
+    if split_bytes > max_in_memory_mb * 2**20:
         return source
     # Decoding examples costs ~30 ms per 256 on 2 cores, too slow next to a ~50 ms train step;
     # reading the split once (Fashion-MNIST train: ~5 s) makes every later batch a numpy gather.
-    images = np.empty((source.num_examples, *example_shape), np.uint8)
+    images = np.empty((source.num_examples, *example_shape), image_feature.np_dtype)
     labels = np.empty((source.num_examples,), np.int32)
     for start in range(0, source.num_examples, _READ_CHUNK):
         chunk = np.arange(start, min(start + _READ_CHUNK, source.num_examples))
