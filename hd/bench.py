@@ -34,18 +34,6 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None,
-                                          "Config file and variant, e.g. configs/fashion_mnist.py:sketch.")
-_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per train step (after the warm-up).")
-_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps before timing.")
-_MATMUL_SIZE = flags.DEFINE_integer("matmul_size", 2048, "Side of the square float32 matmul that sets the peak rate.")
-_JSON_OUT = flags.DEFINE_string("json_out", "", "Also write the JSON report to this file.")
-_TEACHER_STEPS = flags.DEFINE_integer("teacher_steps", 32, "Euler steps of the teacher sampler in the sampling row.")
-_DATA = flags.DEFINE_bool("data", True, "Time the input pipeline (reads the config's dataset).")
-_STAGES = flags.DEFINE_list("stages", ["teacher", "sketch", "refine"],
-                            "Steps to time; the teacher's is always timed (the baseline of the ratios).")
-flags.mark_flags_as_required(["config"])
-
 # Ratio of each step to the teacher's flow-matching step that the design aims for.
 GOALS = {"sketch": {"time": 2.2, "peak_memory": 2.0}}
 # MFU goals on the 2-core CPU (issue targets) and the input pipeline's margin over the fastest consumer.
@@ -108,6 +96,10 @@ def train_steps(config: ml_collections.ConfigDict, shape: tuple[int, ...]) -> di
             state, metrics = refine.step(state, batch, teacher)
         return state, metrics
 
+    # XLA's cost analysis counts the costlier branch of the step's lax.cond (the generator update) on every
+    # step; run() recounts the cycle as one step that takes it and k - 1 that do not.
+    refine_cycle.single_step, refine_cycle.cycle_length = refine.step, k
+
     return {
         "teacher": (lambda state, batch: stage.step(state, batch, None), (teacher_state, batch)),
         "sketch": (sketch, (sketch_state, batch, teacher_params)),
@@ -137,6 +129,23 @@ def compile_step(step_fn: Callable, args: tuple) -> tuple[Any, dict]:
     memory["peak"] = memory["argument"] + memory["output"] - memory["alias"] + memory["temp"]
     return compiled, {"compile_s": compile_s, "flops": flops, "bytes_accessed": bytes_accessed,
                       "flops_per_byte": flops / bytes_accessed, "memory_bytes": memory}
+
+
+def cost_with_cond_branch(step_fn: Callable, args: tuple, take_true_branch: bool) -> dict[str, float]:
+    """FLOPs and bytes of one step with every jax.lax.cond replaced by one of its branches (traced with the
+    module attribute swapped, then compiled)."""
+    original = jax.lax.cond
+
+    def one_branch(pred, true_fn, false_fn, *operands):
+        return (true_fn if take_true_branch else false_fn)(*operands)
+
+    jax.lax.cond = one_branch
+    try:
+        lowered = jax.jit(lambda *a: step_fn(*a)).lower(*args)  # a new function: never a cached trace
+    finally:
+        jax.lax.cond = original
+    cost = _first(lowered.compile().cost_analysis())
+    return {"flops": float(cost["flops"]), "bytes_accessed": float(cost["bytes accessed"])}
 
 
 def time_steps(compiled: dict[str, Any], args: dict[str, tuple], *, steps: int, warmup: int) -> dict[str, list]:
@@ -289,6 +298,16 @@ def run(config: ml_collections.ConfigDict, *, steps: int, warmup: int, matmul_si
     compiled, results = {}, {}
     for name, (fn, args) in entries.items():
         compiled[name], results[name] = compile_step(fn, args)
+        if hasattr(fn, "single_step"):  # a two time-scale cycle: count the generator update once
+            k = fn.cycle_length
+            with_update = cost_with_cond_branch(fn.single_step, args, True)
+            without = cost_with_cond_branch(fn.single_step, args, False)
+            r = results[name]
+            r.update(flops_counted_by_xla=r["flops"], flops_step_with_generator_update=with_update["flops"],
+                     flops_step_critic_only=without["flops"])
+            r["flops"] = with_update["flops"] + (k - 1) * without["flops"]
+            r["bytes_accessed"] = with_update["bytes_accessed"] + (k - 1) * without["bytes_accessed"]
+            r["flops_per_byte"] = r["flops"] / r["bytes_accessed"]
     # The peak rate is measured before and after the steps and the higher reading kept: on a shared machine
     # one reading can be depressed by other processes (the min..max step times show how noisy a run was).
     rate_before = matmul_rate(matmul_size)
@@ -358,5 +377,18 @@ def main(argv: list[str]) -> None:
             f.write(text + "\n")
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # flags only here: importing this module (tests, notebooks) defines none
+    _CONFIG = config_flags.DEFINE_config_file("config", None,
+                                              "Config file and variant, e.g. configs/fashion_mnist.py:sketch.")
+    _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per train step (after the warm-up).")
+    _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps before timing.")
+    _MATMUL_SIZE = flags.DEFINE_integer("matmul_size", 2048,
+                                        "Side of the square float32 matmul that sets the peak rate.")
+    _JSON_OUT = flags.DEFINE_string("json_out", "", "Also write the JSON report to this file.")
+    _TEACHER_STEPS = flags.DEFINE_integer("teacher_steps", 32,
+                                          "Euler steps of the teacher sampler in the sampling row.")
+    _DATA = flags.DEFINE_bool("data", True, "Time the input pipeline (reads the config's dataset).")
+    _STAGES = flags.DEFINE_list("stages", ["teacher", "sketch", "refine"],
+                                "Steps to time; the teacher's is always timed (the baseline of the ratios).")
+    flags.mark_flags_as_required(["config"])
     app.run(main)

@@ -1,5 +1,6 @@
 """The benchmark's throughput rows on the toy config: real numbers of the right kind, and the goal logic."""
 
+import jax
 import numpy as np
 
 from hd import bench
@@ -33,4 +34,22 @@ def test_ratios_and_goals():
     assert (r["time"], r["peak_memory"], r["flops"]) == (3.0, 1.5, 2.5)
     assert r["time_goal_met"] is False and r["peak_memory_goal_met"] is True
     assert bench.mfu_goal("teacher") == 0.5 and bench.mfu_goal("refine_k5") == 0.4
-    assert bench.steps_in("refine_k5", config) == config.refine.generator_every and bench.steps_in("sketch", config) == 1
+    assert bench.steps_in("refine_k5", config) == config.refine.generator_every
+    assert bench.steps_in("sketch", config) == 1
+
+
+def test_refine_cycle_counts_the_generator_update_once():
+    """XLA counts a lax.cond's costlier branch on every step; the recount takes each branch where it runs."""
+    import jax.numpy as jnp
+
+    def step(state, x):
+        due = state % 2 == 0
+        y = jax.lax.cond(due, lambda v: (v @ v) @ v, lambda v: v, x)
+        return state + 1, y @ x
+
+    x = jnp.ones((16, 16))
+    args = (jnp.int32(0), x)
+    matmul = 2 * 16 ** 3
+    assert bench.cost_with_cond_branch(step, args, True)["flops"] >= 3 * matmul
+    assert bench.cost_with_cond_branch(step, args, False)["flops"] < 1.5 * matmul
+    assert jax.lax.cond is not None and jax.lax.cond.__name__ == "cond"  # restored

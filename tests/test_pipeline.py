@@ -47,7 +47,8 @@ def test_pipeline_runs_every_stage_then_skips_everything(tmp_path, monkeypatch):
 
     trained = []
     real_train = hd.train.loop.train
-    monkeypatch.setattr(hd.train.loop, "train", lambda config, workdir: trained.append(workdir) or real_train(config, workdir))
+    monkeypatch.setattr(hd.train.loop, "train",
+                        lambda config, workdir: trained.append(workdir) or real_train(config, workdir))
     ablation_entries = ablation.run_ablation(CONFIG, str(tmp_path), "tiny")
     assert sorted(os.path.basename(w) for w in trained) == ["dmd_only", "sketch_dmd", "sketch_dmd_gap"]
     assert [(e["model"], e["sampler"], e["steps"]) for e in ablation_entries] == [
