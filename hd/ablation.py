@@ -58,7 +58,8 @@ def run_ablation(config_path: str, workdir: str, profile: str = "default", overr
             train(config, row_dir)
         rows.append(Row(name, row_dir, "mean_flow", 1))
 
-    entries = evaluate(configs["eval"], os.path.join(out, "eval"), rows)
+    # The pipeline's evaluation directory holds the classifier: scored with the same features, not retrained.
+    entries = evaluate(configs["eval"], os.path.join(out, "eval"), rows, feature_workdir=dirs["eval"])
     if jax.process_index() == 0:
         write_results(entries, out, "ablation")
     print(results_table(entries))

@@ -24,17 +24,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv: list[str]) -> None:
     del argv
     quiet_library_logs()
-    # Before anything touches a jax device.
-    parallel.initialize_distributed(*(holder.value for holder in _DISTRIBUTED))
-    parallel.log_topology()
-    try:
-        run(_CONFIG.value, _WORKDIR.value)
-    except SystemExit:  # Preempted (status 143): every process stops at the same step, so leave together
-        parallel.shutdown_distributed()
-        raise
-    # Other errors skip the shutdown barrier: the process exits at once and the others learn it from the
-    # coordination service instead of waiting for it at the barrier.
-    parallel.shutdown_distributed()
+    parallel.run_processes(lambda: run(_CONFIG.value, _WORKDIR.value), _DISTRIBUTED)
 
 
 def run(config, workdir: str) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import re
 import signal
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -125,6 +125,22 @@ def shutdown_distributed() -> None:
     """Leave the multi-process runtime together (a barrier over all processes); no-op for one process."""
     if jax.distributed.is_initialized():
         jax.distributed.shutdown()
+
+
+def run_processes(run: Callable[[], None], distributed_flags: tuple) -> None:
+    """An entry point's body in every process: start the multi-process runtime (flags from
+    define_distributed_flags, else the environment) before anything touches a device, run, and leave together.
+    Preemption (SystemExit 143) stops every process at the same step, so they shut down together too; other
+    errors skip the shutdown barrier: the process exits at once and the others learn it from the coordination
+    service instead of waiting for it."""
+    initialize_distributed(*(holder.value for holder in distributed_flags))
+    log_topology()
+    try:
+        run()
+    except SystemExit:
+        shutdown_distributed()
+        raise
+    shutdown_distributed()
 
 
 def _preemption_sync_manager() -> Any:

@@ -129,14 +129,8 @@ def main(argv: list[str]) -> None:
     del argv
     from hd.logs import quiet_library_logs
     quiet_library_logs()
-    parallel.initialize_distributed(*(holder.value for holder in _DISTRIBUTED))  # before any device is touched
-    parallel.log_topology()
-    try:
-        run_pipeline(_CONFIG.value, _WORKDIR.value, _PROFILE.value, tuple(_SET.value))
-    except SystemExit:  # preempted: every process stops at the same step, so leave together
-        parallel.shutdown_distributed()
-        raise
-    parallel.shutdown_distributed()
+    parallel.run_processes(
+        lambda: run_pipeline(_CONFIG.value, _WORKDIR.value, _PROFILE.value, tuple(_SET.value)), _DISTRIBUTED)
 
 
 if __name__ == "__main__":

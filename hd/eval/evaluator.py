@@ -131,8 +131,10 @@ class SampleScorer:
         return out
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str, rows: list[Row] | None = None) -> list[dict]:
-    """Score every row; write results.json, results.md and grids/ under `workdir`; return the entries."""
+def evaluate(config: ml_collections.ConfigDict, workdir: str, rows: list[Row] | None = None,
+             feature_workdir: str | None = None) -> list[dict]:
+    """Score every row; write results.json, results.md and grids/ under `workdir`; return the entries. The
+    classifier is cached under `feature_workdir` (default `workdir`): another evaluation's directory shares it."""
     ev = config.eval
     rows = rows_from_config(config) if rows is None else rows
     reference = reference_data(config.data, ev.num_samples)
@@ -142,7 +144,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, rows: list[Row] | 
     # Read every checkpoint first: a missing or mismatched one fails before any sampling.
     params = {wd: read_items(wd, {"ema_params": abstract})[0]["ema_params"] for wd in {r.workdir for r in rows}}
 
-    scorer = SampleScorer(config, workdir, reference)
+    scorer = SampleScorer(config, feature_workdir or workdir, reference)
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
     batch_sharding = parallel.batch_sharding(mesh)
     n, bs = ev.num_samples, ev.batch_size
