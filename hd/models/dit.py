@@ -39,6 +39,11 @@ def timestep_frequencies(t: jax.Array, dim: int, max_period: float = 10000.0) ->
     return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 
+# The official init treats the patch kernel as a [hidden, p*p*C] matrix (xavier-uniform over the flattened patch):
+# fan_in = p*p*C, fan_out = hidden. Flax's conv xavier would multiply fan_out by p*p too (half the scale at p=2).
+PATCH_KERNEL_INIT = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=3)
+
+
 class TimestepEmbedder(nn.Module):
     hidden_size: int
     frequency_size: int = 256
@@ -163,7 +168,7 @@ class DiT(nn.Module):
         p, d = self.patch_size, self.hidden_size
         grid = self.input_size // p
         tokens = nn.Conv(d, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
-                         kernel_init=nn.initializers.xavier_uniform(), name="x_embedder")(x.astype(self.dtype))
+                         kernel_init=PATCH_KERNEL_INIT, name="x_embedder")(x.astype(self.dtype))
         tokens = tokens.reshape(x.shape[0], grid * grid, d) + sincos_pos_embed_2d(d, grid)[None].astype(self.dtype)
 
         temb = lambda zero, name: TimestepEmbedder(d, scale=self.time_scale, zero_output=zero, dtype=self.dtype,

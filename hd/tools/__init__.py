@@ -1,0 +1,1 @@
+"""User and developer tools: weight importers, fixture writers, benchmarks."""
