@@ -80,6 +80,8 @@ def base_config() -> ml_collections.ConfigDict:
         cfg_t_min=0.0,
         cfg_t_max=1.0,
         fraction_r_neq_t=0.25,
+        # Share of the batch (inside the r != t share) trained on the one-step jump (r, t) = (0, 1) itself.
+        fraction_one_step=0.0,
         time_mean=-0.4,  # logit-normal (t, r) draws
         time_std=1.0,
         adaptive_p=1.0,  # loss = mean(d2 / sg(d2 + c)^p)
@@ -212,6 +214,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
                              "teacher stage (or use --config.sketch.target=data to train from data alone)")
         if not 0.0 <= sk.fraction_r_neq_t <= 1.0:
             raise ValueError(f"config.sketch.fraction_r_neq_t={sk.fraction_r_neq_t} must be in [0, 1]")
+        if not 0.0 <= sk.fraction_one_step <= sk.fraction_r_neq_t:
+            raise ValueError(f"config.sketch.fraction_one_step={sk.fraction_one_step} must be in [0, "
+                             f"fraction_r_neq_t={sk.fraction_r_neq_t}] (the one-step rows are r != t rows)")
         if not 0.0 <= sk.cfg_t_min <= sk.cfg_t_max <= 1.0:
             raise ValueError(f"config.sketch.cfg_t_min={sk.cfg_t_min}, cfg_t_max={sk.cfg_t_max} must satisfy "
                              "0 <= min <= max <= 1")

@@ -74,6 +74,8 @@ def test_zero_or_negative_values_name_the_key(key, value):
     ({"teacher.time_sampling": "beta"}, "config.teacher.time_sampling='beta'"),
     ({"teacher.label_dropout": 1.0}, "config.teacher.label_dropout=1.0"),
     ({"sharding_rules": ((".*", "shard"),)}, "rule 'shard' for '.*'"),
+    ({"stage": "sketch", "sketch.target": "data", "sketch.fraction_r_neq_t": 0.25, "sketch.fraction_one_step": 0.5},
+     "config.sketch.fraction_one_step=0.5 must be in [0, fraction_r_neq_t=0.25]"),
 ])
 def test_bad_values_name_the_key(overrides, message):
     config = load_config("toy2d", "tiny", overrides)

@@ -259,6 +259,24 @@ def test_time_pairs_fraction_and_order(batch):
         assert np.all(t >= r) and np.all((0 < r) & (t < 1))
 
 
+@pytest.mark.parametrize("batch", [1, 8, 100])
+def test_time_pairs_one_step_share(batch):
+    """The first round(fraction_one_step * batch) rows are the full jump (0, 1); the next r != t rows stay
+    logit-normal pairs, the rest r = t."""
+    for one_step, distinct in ((0.0, 0.75), (0.25, 0.75), (0.75, 0.75), (0.5, 1.0)):
+        t, r = sample_time_pairs(jax.random.PRNGKey(batch), batch, mean=-0.4, std=1.0,
+                                 fraction_r_neq_t=distinct, fraction_one_step=one_step)
+        t, r = np.asarray(t), np.asarray(r)
+        k, n = round(one_step * batch), round(distinct * batch)
+        assert np.all(t[:k] == 1.0) and np.all(r[:k] == 0.0), (batch, one_step)
+        assert np.all((0 < r[k:n]) & (r[k:n] < t[k:n]) & (t[k:n] < 1)), (batch, one_step)
+        assert np.all(r[n:] == t[n:]) and np.all((0 < t[n:]) & (t[n:] < 1))
+        # the rows past the one-step share are exactly those drawn without it
+        t0, r0 = sample_time_pairs(jax.random.PRNGKey(batch), batch, mean=-0.4, std=1.0, fraction_r_neq_t=distinct)
+        np.testing.assert_array_equal(t[k:], np.asarray(t0)[k:])
+        np.testing.assert_array_equal(r[k:], np.asarray(r0)[k:])
+
+
 @pytest.mark.parametrize("mean,std", [(-0.4, 1.0), (0.7, 0.5)])
 def test_time_pairs_logit_normal(mean, std):
     """t = max and r = min of two logit-normal draws: (logit t, logit r) together are 2n draws of

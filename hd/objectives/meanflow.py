@@ -1,4 +1,4 @@
-"""Stage 1, sketch: MeanFlow trajectory distillation (design.md 1.3).
+"""Stage 1, sketch: MeanFlow trajectory distillation (docs/method.md, stage 1).
 
 The student u(z, r, t, y) predicts the average velocity over [r, t]. The MeanFlow identity
 u(z_t, r, t) = v(z_t, t) - (t - r) d/dt u(z_t, r, t), with the total derivative along the flow
@@ -21,26 +21,33 @@ AverageVelocityApply = Callable[[dict, jax.Array, jax.Array, jax.Array, jax.Arra
 TargetVelocity = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
-def sample_time_pairs(key: jax.Array, batch: int, *, mean: float, std: float, fraction_r_neq_t: float
-                      ) -> tuple[jax.Array, jax.Array]:
-    """(t, r) with t >= r from two logit-normal draws; only the first round(fraction * batch) rows keep r != t,
-    the rest have r = t. Positional masks keep shapes static, and the batch is already shuffled."""
+def sample_time_pairs(key: jax.Array, batch: int, *, mean: float, std: float, fraction_r_neq_t: float,
+                      fraction_one_step: float = 0.0) -> tuple[jax.Array, jax.Array]:
+    """(t, r) with t >= r from two logit-normal draws; only the first round(fraction_r_neq_t * batch) rows keep
+    r != t, the rest have r = t. Of the r != t rows, the first round(fraction_one_step * batch) are the full jump
+    (r, t) = (0, 1) that one-step sampling takes: logit-normal pairs almost never span it (P(t - r > 0.9) is about
+    2e-5 at mean -0.4, std 1). Positional masks keep shapes static, and the batch is already shuffled."""
     draws = jax.nn.sigmoid(mean + std * jax.random.normal(key, (2, batch)))
     t, r = jnp.max(draws, axis=0), jnp.min(draws, axis=0)
+    row = jnp.arange(batch)
+    num_one_step = int(round(fraction_one_step * batch))
+    t = jnp.where(row < num_one_step, 1.0, t)
+    r = jnp.where(row < num_one_step, 0.0, r)
     num_distinct = int(round(fraction_r_neq_t * batch))
-    r = jnp.where(jnp.arange(batch) < num_distinct, r, t)
+    r = jnp.where(row < num_distinct, r, t)
     return t, r
 
 
 def meanflow_loss(apply_fn: AverageVelocityApply, params: dict, batch: dict[str, jax.Array], key: jax.Array, *,
                   target_velocity: TargetVelocity | None, null_label: int, label_dropout: float,
                   time_mean: float, time_std: float, fraction_r_neq_t: float, adaptive_p: float,
-                  adaptive_c: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+                  adaptive_c: float, fraction_one_step: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Adaptively weighted MeanFlow loss. `target_velocity=None` uses the conditional velocity eps - x
     (MeanFlow from scratch); otherwise the (teacher's) marginal velocity at (z_t, t, y)."""
     x, y = batch["x"], batch["y"]
     k_time, k_eps, k_label = jax.random.split(key, 3)
-    t, r = sample_time_pairs(k_time, x.shape[0], mean=time_mean, std=time_std, fraction_r_neq_t=fraction_r_neq_t)
+    t, r = sample_time_pairs(k_time, x.shape[0], mean=time_mean, std=time_std, fraction_r_neq_t=fraction_r_neq_t,
+                             fraction_one_step=fraction_one_step)
     eps = jax.random.normal(k_eps, x.shape, x.dtype)
     y = drop_labels(k_label, y, label_dropout, null_label)
     z = interpolate(x, eps, t)

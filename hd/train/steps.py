@@ -83,7 +83,7 @@ def sketch_step(state: TrainState, batch: dict[str, jax.Array], teacher_params: 
         return meanflow_loss(student, params, batch, key, target_velocity=target, null_label=config.data.num_classes,
                              label_dropout=cfg.label_dropout, time_mean=cfg.time_mean, time_std=cfg.time_std,
                              fraction_r_neq_t=cfg.fraction_r_neq_t, adaptive_p=cfg.adaptive_p,
-                             adaptive_c=cfg.adaptive_c)
+                             adaptive_c=cfg.adaptive_c, fraction_one_step=cfg.fraction_one_step)
 
     return apply_gradients(state, loss_fn, step_key(config.seed, state.step), optimizer, config.ema_decay)
 
