@@ -1,6 +1,6 @@
-"""The ablation of design.md 1.5 at small scale, every row with the same budget and the same evaluation:
+"""The ablation of docs/method.md at small scale, every row with the same budget and the same evaluation:
 
-    teacher at several step counts | sketch only | DMD only (from the teacher's weights) |
+    teacher at several step counts | sketch only | teacher -> DMD + AWD (no sketch) |
     sketch -> DMD (no GAN) | sketch -> DMD + GAP head | sketch -> DMD + AWD (full HD)
 
     python -m hd.ablation --config=configs/fashion_mnist.py --workdir=runs/fmnist [--profile=tiny]
@@ -24,7 +24,7 @@ TEACHER_ROWS = {"default": (("euler", 1), ("euler", 4), ("euler", 16), ("euler",
                 "tiny": (("euler", 1), ("euler", 4))}
 # Refine rows: name -> overrides of the refine config.
 REFINE_ROWS = {
-    "dmd_only": {"generator_init": "teacher", "gan_head": "awd"},
+    "teacher_dmd_awd": {"generator_init": "teacher", "gan_head": "awd"},  # DMD + AWD from the teacher, no sketch
     "sketch_dmd": {"gan_head": "none"},
     "sketch_dmd_gap": {"gan_head": "gap"},
     "sketch_dmd_awd": {"gan_head": "awd"},

@@ -1,4 +1,4 @@
-"""The flow-matching path and its samplers (design.md 1.1).
+"""The flow-matching path and its samplers (docs/method.md, conventions).
 
 t in [0, 1]; t = 0 is data, t = 1 is noise; z_t = (1 - t) x + t eps; the network predicts v = E[eps - x | z_t].
 A "velocity function" here is any `fn(z, t, y) -> v` with t of shape [B]; `average_velocity_fn` is

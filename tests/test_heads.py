@@ -1,4 +1,4 @@
-"""Discriminator heads (design.md 1.4): AWD starts as global average pooling, its weights are a distribution
+"""Discriminator heads (docs/method.md, AWD): AWD starts as global average pooling, its weights are a distribution
 over tokens, the entropy metric, AWD finding a planted local defect that GAP averages away, the conv head, and
 the generator-side 'logit' weighting."""
 

@@ -50,21 +50,21 @@ def test_pipeline_runs_every_stage_then_skips_everything(tmp_path, monkeypatch):
     monkeypatch.setattr(hd.train.loop, "train",
                         lambda config, workdir: trained.append(workdir) or real_train(config, workdir))
     ablation_entries = ablation.run_ablation(CONFIG, str(tmp_path), "tiny")
-    assert sorted(os.path.basename(w) for w in trained) == ["dmd_only", "sketch_dmd", "sketch_dmd_gap"]
+    assert sorted(os.path.basename(w) for w in trained) == ["sketch_dmd", "sketch_dmd_gap", "teacher_dmd_awd"]
     assert [(e["model"], e["sampler"], e["steps"]) for e in ablation_entries] == [
         ("teacher", "euler", 1), ("teacher", "euler", 4), ("sketch_only", "mean_flow", 1),
-        ("dmd_only", "mean_flow", 1), ("sketch_dmd", "mean_flow", 1), ("sketch_dmd_gap", "mean_flow", 1),
+        ("teacher_dmd_awd", "mean_flow", 1), ("sketch_dmd", "mean_flow", 1), ("sketch_dmd_gap", "mean_flow", 1),
         ("sketch_dmd_awd", "mean_flow", 1)]
     with open(tmp_path / "ablation" / "ablation.json") as f:
         assert json.load(f) == ablation_entries
     assert (tmp_path / "ablation" / "ablation.md").read_text().count("\n| ") == len(ablation_entries) + 1
     awd = next(e for e in ablation_entries if e["model"] == "sketch_dmd_awd")
     assert awd["workdir"] == str(tmp_path / "refine")
-    for name in ("dmd_only", "sketch_dmd", "sketch_dmd_gap"):
+    for name in ("teacher_dmd_awd", "sketch_dmd", "sketch_dmd_gap"):
         assert latest_step(str(tmp_path / "ablation" / name)) == configs["refine"].num_steps
-    with open(tmp_path / "ablation" / "dmd_only" / "config.json") as f:
-        dmd_only = json.load(f)["refine"]
-    assert dmd_only["generator_init"] == "teacher"
+    with open(tmp_path / "ablation" / "teacher_dmd_awd" / "config.json") as f:
+        no_sketch = json.load(f)["refine"]
+    assert no_sketch["generator_init"] == "teacher"
 
     # A second invocation trains and evaluates nothing.
 

@@ -1,7 +1,9 @@
-"""Stage 2, refine (design.md 1.4): the DMD gradient against closed-form Gaussian scores, short DMD runs that
+"""Stage 2, refine (docs/method.md, stage 2): the DMD gradient against closed-form Gaussian scores, short DMD runs that
 move a misplaced generator onto the target, the refine step's update isolation and two time-scale schedule,
 the generator hand-off from the sketch (or the teacher), one short run through the training loop, and the
 refine config checks."""
+
+import json
 
 import jax
 import jax.numpy as jnp
@@ -197,6 +199,8 @@ def _save_stage(workdir, params, ema_params, optimizer, step=7):
     checkpointer = Checkpointer(str(workdir), keep=1)
     checkpointer.save(step, state, {"step": step})
     checkpointer.close()
+    # What hd.main writes beside its checkpoints: hand-offs check a source's stage and that it finished.
+    (workdir / "config.json").write_text(json.dumps({"stage": workdir.name, "num_steps": step}))
 
 
 def _host(tree):
@@ -263,7 +267,7 @@ def test_refine_generator_starts_from_the_sketch_ema(refine):
     assert set(state0.critic_params) == {"fake_score", "head"}
 
 
-def test_refine_generator_from_the_teacher_for_the_dmd_only_baseline(refine):
+def test_refine_generator_from_the_teacher_for_the_no_sketch_baseline(refine):
     config = load_config("toy2d", "refine_tiny", {"refine.teacher_workdir": refine["config"].refine.teacher_workdir,
                                                   "refine.generator_init": "teacher"})
     validate(config, jax.device_count())  # no sketch work directory needed

@@ -1,4 +1,4 @@
-"""Tests for stage 1, sketch (MeanFlow distillation from the teacher, design.md 1.3).
+"""Tests for stage 1, sketch (MeanFlow distillation from the teacher, docs/method.md, stage 1).
 
 1. du/dt from the JVP against finite differences, on a random DiT and MLP; and the target meanflow_loss
    actually builds. 2. The (t, r) sampler. 3. The student copied from the teacher is the teacher at r = t.

@@ -1,4 +1,4 @@
-"""The domain feature network for datasets without Inception weights (design.md 4): a small classifier
+"""The domain feature network for datasets without Inception weights (docs/method.md, evaluation): a small classifier
 trained once on the training split and cached in the evaluation work directory. Its penultimate features
 feed the Fréchet distance and precision/recall; its predictions give class-consistency."""
 

@@ -186,6 +186,19 @@ class InceptionV3(nn.Module):
         return {"pool": pool, "logits": logits}
 
 
+def quantize_to_uint8(images: jax.Array) -> jax.Array:
+    """Float images in [-1, 1] -> uint8 as a saved PNG holds them: round(clip((x + 1) · 127.5, 0, 255)).
+
+    The one quantisation rule of every FID in hd (samples fed as floats and samples exported to .npz agree
+    bit for bit). It equals DiT/SiT's `clamp(127.5 x + 128, 0, 255).to(uint8)` except at exact half-integers
+    (round half to even here, half up there: a measure-zero set for network outputs). guided-diffusion's own
+    sampling script truncates instead (`((x + 1) * 127.5).clamp(0, 255).to(uint8)`), 0.5 grey levels darker
+    on average.
+    """
+    x = jnp.clip((jnp.asarray(images).astype(jnp.float32) + 1.0) * 127.5, 0.0, 255.0)
+    return jnp.round(x).astype(jnp.uint8)
+
+
 def preprocess_for_inception(images: np.ndarray | jax.Array) -> jax.Array:
     """NHWC uint8 [0, 255] or float [-1, 1] images, 1 or 3 channels → [B, 299, 299, 3] float32 in [-1, 1].
 
@@ -197,7 +210,7 @@ def preprocess_for_inception(images: np.ndarray | jax.Array) -> jax.Array:
     if images.dtype == jnp.uint8:
         x = images.astype(jnp.float32)
     elif jnp.issubdtype(images.dtype, jnp.floating):
-        x = jnp.round(jnp.clip((images.astype(jnp.float32) + 1.0) * 127.5, 0.0, 255.0))
+        x = quantize_to_uint8(images).astype(jnp.float32)
     else:
         raise TypeError(f"images must be uint8 in [0, 255] or float in [-1, 1], got dtype {images.dtype}")
     b, h, w, c = x.shape
@@ -324,6 +337,13 @@ def load_inception_params(path: str | os.PathLike, expected_sha256: str | None) 
     The sha256 is checked before unpickling (a pickle can run code). With expected_sha256=None the file is
     loaded with a warning that gives its hash, so it can be pinned.
     """
+    # What the file must be, for every error below: where a good one comes from.
+    made_by = ("It must be pytorch-fid's FID Inception weights (pt_inception-2015-12-05-6726825d.pth) converted "
+               "with `python -m hd.eval.convert_inception --pt pt_inception-2015-12-05-6726825d.pth --out FILE`, "
+               "which prints the sha256 to set as config.eval.inception_sha256.")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Inception weights file {path} (config.eval.inception_weights) does not exist. "
+                                + made_by)
     actual = file_sha256(path)
     if expected_sha256 is None:
         warnings.warn(f"Inception weights {path} are not verified; pin them with expected_sha256={actual!r}")
@@ -335,9 +355,14 @@ def load_inception_params(path: str | os.PathLike, expected_sha256: str | None) 
             "configured hash; FIDs computed with different weights are not comparable."
         )
     with open(path, "rb") as f:
-        tree = pickle.load(f)
+        try:
+            tree = pickle.load(f)
+        except Exception as e:  # garbage raises UnpicklingError, EOFError, ValueError, ... depending on the bytes
+            raise ValueError(f"Inception weights file {path} (sha256 {actual}) is not a pickle of InceptionV3 "
+                             f"weights ({type(e).__name__}: {e}). " + made_by) from e
     if not isinstance(tree, Mapping):
-        raise ValueError(f"{path}: expected a pickled dict of numpy arrays, got {type(tree).__name__}")
+        raise ValueError(f"Inception weights file {path}: expected a pickled dict of numpy arrays, got "
+                         f"{type(tree).__name__}. " + made_by)
     if all("." in key for key in tree):
         return torch_state_dict_to_variables(tree)
     return nested_to_variables(tree, str(path))

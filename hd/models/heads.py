@@ -1,4 +1,4 @@
-"""Discriminator heads on feature-network tokens [B, N, D] (design.md 1.4).
+"""Discriminator heads on feature-network tokens [B, N, D] (docs/method.md, the AWD head).
 
 Every head returns per-token logits l [B, N, H] and token weights a [B, N, H] (summing to 1 over tokens) for
 H heads; the discriminator output is D = mean_h sum_i a_ih l_ih. Returning both keeps the weighting

@@ -1,5 +1,5 @@
 """Diffusion-GAN losses (DMD2-style): real images and generated ones are noised to the same random t_d,
-passed through a feature network, and scored by a discriminator head (design.md 1.4)."""
+passed through a feature network, and scored by a discriminator head (docs/method.md, stage 2)."""
 
 from __future__ import annotations
 

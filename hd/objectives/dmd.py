@@ -1,4 +1,4 @@
-"""Stage 2, refine: distribution matching distillation (DMD2-style, design.md 1.4).
+"""Stage 2, refine: distribution matching distillation (DMD2-style, docs/method.md, stage 2).
 
 The generator's samples are pushed along the difference between what a "fake" score (trained on the
 generator's own samples) and the frozen teacher (the real score) denoise them to: the reverse-KL gradient.

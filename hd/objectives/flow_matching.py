@@ -1,4 +1,4 @@
-"""Stage 0: the teacher's flow-matching loss (design.md 1.2)."""
+"""Stage 0: the teacher's flow-matching loss (docs/method.md, stage 0)."""
 
 from __future__ import annotations
 
