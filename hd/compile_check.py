@@ -11,6 +11,13 @@ rules, donated state), lowered and compiled by the TPU compiler. Prints per-chip
 `compiled.memory_analysis()`, FLOPs from `compiled.cost_analysis()` (for scanned DiT blocks, which XLA counts
 once, from the unrolled step's lowering), the chip's HBM and FITS / DOES NOT FIT.
 
+The VAE decode (`--target=vae_decode`): the SD-VAE decoder (hd.models.vae; `--vae_config` for another
+diffusers config.json) on a global batch of `--vae_batch_per_chip` x chips latents for `--vae_resolution`
+images, split over every chip, parameters replicated; the same per-chip memory, FLOPs and verdict:
+
+    python -m hd.compile_check --target=vae_decode --topology=v5e:4x4 [--vae_batch_per_chip=64]
+        [--vae_resolution=256] [--vae_dtype=float32|bfloat16] [--vae_config=config.json] [--json=FILE|-]
+
 Exit status: 0 fits, 1 does not fit, 2 the check could not run (bad topology, a mesh that does not cover the
 slice, libtpu missing, an invalid config).
 """
@@ -224,6 +231,22 @@ def compile_check(config: ml_collections.ConfigDict, topology: str) -> dict:
         scan_blocks=bool(config.model.get("scan_blocks", False)), batch_size=config.batch_size,
         example_shape=list(data_shape), hbm_bytes=hbm, trees=trees, lower_seconds=round(lower_s, 1))
 
+    flops = _compile_into(lowered, result)
+    if flops is None:
+        return result
+    result["compiled_flops_per_chip"] = flops
+    if config.model.get("scan_blocks", False):
+        # XLA's cost analysis counts a loop body once: take the FLOPs of the same step with the blocks unrolled.
+        result.update(flops_per_step=unrolled_flops(config, data_shape), flops_source="unrolled step, CPU lowering")
+        result["flops_per_chip"] = result["flops_per_step"] / chips
+    else:
+        result.update(flops_per_chip=flops, flops_per_step=flops * chips, flops_source="compiled")
+    return result
+
+
+def _compile_into(lowered: Any, result: dict) -> float | None:
+    """Compile for the TPU and record in `result` the compile time, per-chip memory and whether it fits
+    result['hbm_bytes'] (or the compiler's out-of-HBM error). Returns the compiled FLOPs per chip, None on OOM."""
     t0 = time.perf_counter()
     try:
         compiled = lowered.compile()
@@ -232,9 +255,8 @@ def compile_check(config: ml_collections.ConfigDict, topology: str) -> dict:
         if oom is None:
             raise
         result.update(fits=False, compile_seconds=round(time.perf_counter() - t0, 1), compiler_out_of_memory=oom)
-        return result
+        return None
     result["compile_seconds"] = round(time.perf_counter() - t0, 1)
-
     stats = compiled.memory_analysis()
     memory = {f"{k}_bytes": int(getattr(stats, f"{k}_size_in_bytes"))
               for k in ("argument", "output", "alias", "temp", "generated_code")}
@@ -243,16 +265,103 @@ def compile_check(config: ml_collections.ConfigDict, topology: str) -> dict:
                              - memory["alias_bytes"])
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = float(cost.get("flops", float("nan")))
-    result.update(memory=memory, compiled_flops_per_chip=flops,
-                  fits=memory["total_bytes"] + memory["generated_code_bytes"] <= hbm)
-    if config.model.get("scan_blocks", False):
-        # XLA's cost analysis counts a loop body once: take the FLOPs of the same step with the blocks unrolled.
-        result.update(flops_per_step=unrolled_flops(config, data_shape), flops_source="unrolled step, CPU lowering")
-        result["flops_per_chip"] = result["flops_per_step"] / chips
-    else:
-        result.update(flops_per_chip=flops, flops_per_step=flops * chips, flops_source="compiled")
+    result.update(memory=memory, fits=memory["total_bytes"] + memory["generated_code_bytes"] <= result["hbm_bytes"])
+    return float(cost.get("flops", float("nan")))
+
+
+def read_vae_config(spec: str) -> tuple[dict, str]:
+    """--vae_config: '' is the SD-VAE (hd.models.vae.SD_VAE_CONFIG); else a config.json or a folder holding one."""
+    from hd.models.vae import CONFIG_NAME, SD_VAE_CONFIG
+
+    if not spec:
+        return dict(SD_VAE_CONFIG), "SD_VAE_CONFIG"
+    path = os.path.join(spec, CONFIG_NAME) if os.path.isdir(spec) else spec
+    try:
+        with open(path) as f:
+            return json.load(f), path
+    except (OSError, ValueError) as e:
+        raise CheckError(f"--vae_config={spec!r}: cannot read a diffusers config.json from {path} ({e})") from e
+
+
+def compile_vae_decode(vae_config: dict, topology: str, *, batch_per_chip: int = 64, resolution: int = 256,
+                       dtype: str = "float32") -> dict:
+    """Lower and compile the VAE decode of batch_per_chip x chips latents, split over the slice's chips."""
+    from hd import parallel
+    from hd.models import vae as vae_lib
+
+    generation, dims = parse_topology(topology)
+    chips = math.prod(dims)
+    try:
+        module = vae_lib.AutoencoderKL.from_config(vae_config, dtype)
+    except ValueError as e:
+        raise CheckError(f"--vae_config: {e}") from e
+    if batch_per_chip < 1:
+        raise CheckError(f"--vae_batch_per_chip={batch_per_chip} must be at least 1")
+    if resolution < 1 or resolution % module.downsampling:
+        raise CheckError(f"--vae_resolution={resolution} must be a positive multiple of the VAE's downsampling "
+                         f"factor {module.downsampling}")
+    devices, _ = tpu_devices(topology)
+    batch_size, side = batch_per_chip * chips, resolution // module.downsampling
+
+    t0 = time.perf_counter()
+    mesh = parallel.make_mesh(chips, 1, devices)
+    batch, replicated = parallel.batch_sharding(mesh), parallel.replicated(mesh)
+    params = vae_lib.abstract_params(module)
+    decode = jax.jit(lambda p, z: module.apply({"params": p}, z, method="decode"),
+                     in_shardings=(replicated, batch), out_shardings=batch)
+    latents = jax.ShapeDtypeStruct((batch_size, side, side, module.latent_channels), jnp.float32)
+    lowered = decode.lower(params, latents)
+    lower_s = time.perf_counter() - t0
+
+    hbm = TPU_CHIPS[generation]["hbm_gib"] * GIB
+    # The decode reads the decoder and post_quant_conv only; jit drops the encoder's parameters from its inputs.
+    decoder = {k: v for k, v in params.items() if k in ("decoder", "post_quant_conv")}
+    decoder_tree = _tree_bytes(decoder, jax.tree.map(lambda _: replicated, decoder))
+    result = dict(
+        target="vae_decode", topology=topology.strip(), generation=generation, chips=chips,
+        device_kind=devices[0].device_kind, mesh=dict(mesh.shape), dtype=dtype, batch_size=batch_size,
+        batch_per_chip=batch_per_chip, image_shape=[resolution, resolution, module.out_channels],
+        latent_shape=[side, side, module.latent_channels],
+        num_params=sum(math.prod(x.shape) for x in jax.tree.leaves(params)), hbm_bytes=hbm,
+        trees={"decoder_params": decoder_tree}, lower_seconds=round(lower_s, 1))
+    flops = _compile_into(lowered, result)
+    if flops is not None:
+        result.update(flops_per_chip=flops, flops_per_image=flops / batch_per_chip)
     return result
+
+
+def format_vae_result(result: dict, label: str = "") -> str:
+    h, w, _ = result["image_shape"]
+    lines = [
+        f"target       VAE decode ({label or 'SD_VAE_CONFIG'}, {result['num_params'] / 1e6:.2f} M parameters, "
+        f"{result['dtype']}): latents {tuple(result['latent_shape'])} -> images {h}x{w}",
+        f"slice        {result['topology']}: {result['chips']} chips ({result['device_kind']}), batch "
+        f"{result['batch_size']} ({result['batch_per_chip']} per chip) split over "
+        + " x ".join(f"{k}={v}" for k, v in result["mesh"].items()),
+    ]
+    t = result["trees"]["decoder_params"]
+    lines.append(f"  decoder_params  {_gib(t['bytes']):>12} in all, {_gib(t['bytes_per_device']):>10} per chip "
+                 f"({_gib(t['replicated_bytes'])} of it replicated)")
+    m = result.get("memory", {})
+    if m:
+        lines.append(f"per chip     arguments {_gib(m['argument_bytes'])}, outputs {_gib(m['output_bytes'])}, "
+                     f"temporaries {_gib(m['temp_bytes'])}, code {_gib(m['generated_code_bytes'])}")
+        lines.append(f"             total (args + temps + outputs - aliases) {_gib(m['total_bytes'])} of "
+                     f"{_gib(result['hbm_bytes'])} HBM ({m['total_bytes'] / result['hbm_bytes']:.0%})")
+        lines.append(f"FLOPs        {result['flops_per_chip']:.4g} per chip ({result['flops_per_image'] / 1e9:.4g} "
+                     "GFLOP per image; compiled)")
+    return "\n".join(lines + _verdict_lines(result))
+
+
+def _verdict_lines(result: dict) -> list[str]:
+    """The compiler's out-of-HBM message if any, the times, and FITS / DOES NOT FIT."""
+    lines = []
+    if "compiler_out_of_memory" in result:
+        oom = result["compiler_out_of_memory"]
+        lines.append(f"per chip     the TPU compiler ran out of HBM: {oom['message'].splitlines()[0]}")
+    lines.append(f"time         lowering {result['lower_seconds']} s, compiling {result['compile_seconds']} s")
+    lines.append("FITS" if result["fits"] else "DOES NOT FIT")
+    return lines
 
 
 def _gib(n: float) -> str:
@@ -280,12 +389,7 @@ def format_result(result: dict, config_name: str = "") -> str:
                      f"{_gib(hbm)} HBM ({m['total_bytes'] / hbm:.0%})")
         lines.append(f"FLOPs        {result['flops_per_step']:.4g} per step ({result['flops_per_chip']:.4g} per chip; "
                      f"{result['flops_source']})")
-    else:
-        oom = result["compiler_out_of_memory"]
-        lines.append(f"per chip     the TPU compiler ran out of HBM: {oom['message'].splitlines()[0]}")
-    lines.append(f"time         lowering {result['lower_seconds']} s, compiling {result['compile_seconds']} s")
-    lines.append("FITS" if result["fits"] else "DOES NOT FIT")
-    return "\n".join(lines)
+    return "\n".join(lines + _verdict_lines(result))
 
 
 def main(argv: list[str]) -> None:
@@ -298,7 +402,13 @@ def main(argv: list[str]) -> None:
     if not os.environ.get("JAX_PLATFORMS"):
         jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_enable_compilation_cache", False)
+    if _TARGET.value == "vae_decode":
+        _vae_main()
     config = _CONFIG.value
+    if config is None:
+        print("hd.compile_check: --config is required for --target=train_step (e.g. "
+              "--config=configs/imagenet256.py:sketch)", file=sys.stderr)
+        sys.exit(2)
     try:
         result = compile_check(config, _TOPOLOGY.value)
     except CheckError as e:
@@ -319,11 +429,39 @@ def main(argv: list[str]) -> None:
     sys.exit(0 if result["fits"] else 1)
 
 
+def _vae_main() -> None:
+    try:
+        vae_config, label = read_vae_config(_VAE_CONFIG.value)
+        result = compile_vae_decode(vae_config, _TOPOLOGY.value, batch_per_chip=_VAE_BATCH.value,
+                                    resolution=_VAE_RESOLUTION.value, dtype=_VAE_DTYPE.value)
+    except CheckError as e:
+        print(f"hd.compile_check: {e}", file=sys.stderr)
+        sys.exit(2)
+    result["vae_config"] = label
+    if _JSON.value == "-":
+        print(json.dumps(result, indent=2))
+    else:
+        print(format_vae_result(result, label))
+        if _JSON.value:
+            with open(_JSON.value, "w") as f:
+                json.dump(result, f, indent=2)
+    sys.exit(0 if result["fits"] else 1)
+
+
 if __name__ == "__main__":  # flags only here: importing this module (tests, notebooks) defines none
     _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file and variant, e.g. "
-                                              "configs/imagenet256.py:sketch.")
+                                              "configs/imagenet256.py:sketch (--target=train_step).")
+    _TARGET = flags.DEFINE_enum("target", "train_step", ["train_step", "vae_decode"],
+                                "What to compile: the config's train step, or the VAE decode (--vae_* flags).")
+    _VAE_CONFIG = flags.DEFINE_string("vae_config", "", "--target=vae_decode: a diffusers AutoencoderKL config.json "
+                                      "(or its folder); default the SD-VAE's (sd-vae-ft-ema).")
+    _VAE_BATCH = flags.DEFINE_integer("vae_batch_per_chip", 64, "--target=vae_decode: latents per chip (global batch "
+                                      "= this x chips, split over every chip).")
+    _VAE_RESOLUTION = flags.DEFINE_integer("vae_resolution", 256, "--target=vae_decode: image side in pixels.")
+    _VAE_DTYPE = flags.DEFINE_enum("vae_dtype", "float32", ["float32", "bfloat16"], "--target=vae_decode: compute "
+                                   "dtype (parameters stay float32).")
     _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice GENERATION:AxB[xC], e.g. v4:2x2x4, v5e:4x4.")
     _JSON = flags.DEFINE_string("json", "", "Also write the results as JSON to this file ('-': JSON to stdout "
                                 "instead of the table).")
-    flags.mark_flags_as_required(["config", "topology"])
+    flags.mark_flags_as_required(["topology"])
     app.run(main)

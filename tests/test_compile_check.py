@@ -195,3 +195,39 @@ def test_remat_and_scanned_dit_match_the_plain_one_through_jvp_and_grad():
             jax.tree.structure(params)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=str(variant)),
                      outputs(model, params), expected)
+
+
+@needs_libtpu
+def test_vae_decode_compiles_for_a_tpu_slice_and_reports_memory():
+    """--target=vae_decode on the tiny fixture VAE: the global batch is split over the 4 chips, the parameters
+    are replicated, and per-chip memory and FLOPs come from the TPU compiler."""
+    proc = run_check("--target=vae_decode", "--topology=v5e:2x2", "--json=-",
+                     f"--vae_config={REPO / 'tests/fixtures/vae_tiny/config.json'}", "--vae_batch_per_chip=2",
+                     "--vae_resolution=16")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout)
+    assert (result["target"], result["chips"], result["batch_size"]) == ("vae_decode", 4, 8)
+    assert (result["latent_shape"], result["image_shape"]) == ([8, 8, 4], [16, 16, 3])
+    params = result["trees"]["decoder_params"]  # replicated float32, the decoder's share of the VAE's
+    assert params["bytes"] == params["bytes_per_device"] == params["replicated_bytes"] < 4 * result["num_params"]
+    memory = result["memory"]
+    # Each chip holds the parameters and its 2 latents, and writes its 2 images (16 x 16 x 3 float32).
+    assert memory["argument_bytes"] >= params["bytes"] + 2 * 8 * 8 * 4 * 4
+    assert memory["output_bytes"] >= 2 * 16 * 16 * 3 * 4
+    assert result["fits"] is True and 0 < memory["total_bytes"] < result["hbm_bytes"]
+    assert result["flops_per_chip"] > 0 and result["flops_per_image"] == result["flops_per_chip"] / 2
+
+
+def test_vae_decode_check_errors_come_before_libtpu():
+    from hd.models.vae import SD_VAE_CONFIG
+
+    for kwargs, words in [(dict(resolution=100), "multiple of the VAE's downsampling factor 8"),
+                          (dict(batch_per_chip=0), "at least 1")]:
+        with pytest.raises(compile_check.CheckError, match=words):
+            compile_check.compile_vae_decode(SD_VAE_CONFIG, "v5e:2x2", **kwargs)
+    with pytest.raises(compile_check.CheckError, match="must divide"):
+        compile_check.compile_vae_decode({**SD_VAE_CONFIG, "norm_num_groups": 7}, "v5e:2x2")
+    with pytest.raises(compile_check.CheckError, match="cannot read a diffusers config.json"):
+        compile_check.read_vae_config("/nonexistent/config.json")
+    proc = run_check("--topology=v5e:2x2", timeout=60)  # the train step (the default target) needs a config
+    assert proc.returncode == 2 and "--config is required" in proc.stderr, proc.stderr[-3000:]
