@@ -18,8 +18,10 @@ class BatchIterator:
 
     Finite sources: batch s covers positions [s*B, (s+1)*B) of the endless stream formed by
     concatenating one permutation per epoch, epoch e shuffled by SeedSequence([seed, e]); a batch
-    that crosses an epoch boundary takes its rest from the next epoch. Infinite sources: the global
-    batch is sampled with SeedSequence([seed, s]). Process p takes rows [p*b, (p+1)*b), b = B / hosts.
+    that crosses an epoch boundary takes its rest from the next epoch. Sources with a `draw` method
+    (latents drawn from stored VAE posteriors) also get each row's stream position, which seeds its
+    draw. Infinite sources: the global batch is sampled with SeedSequence([seed, s]). Process p
+    takes rows [p*b, (p+1)*b), b = B / hosts.
     """
 
     def __init__(self, source: Source, *, global_batch_size: int, seed: int, process_index: int = 0,
@@ -68,6 +70,8 @@ class BatchIterator:
         for epoch in np.unique(epochs):
             mask = epochs == epoch
             indices[mask] = self._permutation(int(epoch))[offsets[mask]]
+        if hasattr(self.source, "draw"):  # random per example (VAE posteriors): seeded by (seed, position)
+            return self.source.draw(indices, positions, self.seed)
         return self.source.get(indices)
 
     def get_state(self) -> dict:

@@ -217,6 +217,10 @@ def load_source(cfg: ml_collections.ConfigDict) -> Source:
     """Builds the source a data config names (see the module docstring for the fields)."""
     if cfg.name == "toy2d":
         return Toy2dSource(cfg.toy, cfg.num_classes)
+    if cfg.get("latent_posterior", False):  # VAE posteriors of hd.data.prepare_latents
+        from hd.data.latents import open_latent_source  # imports this module
+
+        return open_latent_source(cfg)
     max_mb = cfg.get("max_in_memory_mb", 1024)
     if cfg.name == "fashion_mnist":
         data_dir = os.path.expanduser(cfg.data_dir or DEFAULT_HD_DATA_DIR)
