@@ -7,6 +7,9 @@ rejects a value of the wrong type.
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import ml_collections
 
 STAGES = ("teacher", "sketch", "refine", "eval")
@@ -32,6 +35,11 @@ def base_config() -> ml_collections.ConfigDict:
         # where the data is not on this machine: hd.compile_check builds the step from it alone, and training
         # checks it against the dataset's.
         example_shape=(),
+        # VAE-posterior datasets of hd.data.prepare_latents (hd.data.latents): every visit draws a fresh latent
+        # (mean + std * noise) * latent_scale, noise and flip seeded by (seed, step), so resume stays exact.
+        latent_posterior=False,
+        latent_scale=0.18215,  # the VAE's scaling_factor (SD-VAE; checked against the dataset's metadata)
+        latent_flip=True,  # use the stored horizontal flip with probability 1/2 (False: never)
     ))
 
     c.model = ml_collections.ConfigDict(dict(
@@ -51,6 +59,9 @@ def base_config() -> ml_collections.ConfigDict:
         # values (checkpoints move freely between the two); a much smaller program, so XL/2 steps compile in a
         # fraction of the time and host memory.
         scan_blocks=False,
+        # DiT only: plain | fused. fused = jax.nn.dot_product_attention (cuDNN on GPUs in bfloat16, XLA elsewhere)
+        # where no jax.jvp passes (teacher step, refine's scores); MeanFlow's student always runs plain.
+        attention="plain",
     ))
 
     # Mesh axes: -1 fills the remaining devices. Batches are split over both axes.
@@ -66,13 +77,20 @@ def base_config() -> ml_collections.ConfigDict:
     ))
     c.ema_decay = 0.999
     c.max_consecutive_skips = 20  # stop after this many non-finite updates in a row
+    # Resume from this checkpoint step instead of the newest (0 or -1 = the newest): the way back from a
+    # divergence. Newer steps are moved, not deleted, to WORKDIR/checkpoints_abandoned_<time>/ (logged). It acts
+    # once: a rerun with the value config.json already holds resumes from the newest step as usual.
+    c.restore_step = 0
+    # Hand-offs read finished stages only (newest step == that stage's num_steps); True also takes an
+    # unfinished one (logged, and recorded under `sources` in config.json).
+    c.allow_unfinished_sources = False
 
     c.teacher = ml_collections.ConfigDict(dict(
         label_dropout=0.1,
         time_sampling="uniform",  # uniform | logit_normal
     ))
 
-    # Stage 1 (design.md 1.3): MeanFlow distillation of the teacher into a one-step student.
+    # Stage 1 (docs/method.md, stage 1): MeanFlow distillation of the teacher into a one-step student.
     c.sketch = ml_collections.ConfigDict(dict(
         teacher_workdir="",  # work directory of the teacher stage (its newest checkpoint's ema_params)
         target="teacher",  # teacher: teacher's CFG velocity | data: eps - x (MeanFlow from scratch)
@@ -89,11 +107,11 @@ def base_config() -> ml_collections.ConfigDict:
         label_dropout=0.1,
     ))
 
-    # Stage 2 (design.md 1.4): DMD with an adversarial head, starting from the sketch.
+    # Stage 2 (docs/method.md, stage 2): DMD with an adversarial head, starting from the sketch.
     c.refine = ml_collections.ConfigDict(dict(
         teacher_workdir="",  # frozen real score; the fake score starts as a copy
         sketch_workdir="",  # generator initialisation (its ema_params)
-        generator_init="sketch",  # sketch | teacher (the DMD-only baseline)
+        generator_init="sketch",  # sketch | teacher (the no-sketch baseline)
         real_cfg_scale=1.5,
         t_min=0.02,
         t_max=0.98,
@@ -126,6 +144,13 @@ def base_config() -> ml_collections.ConfigDict:
         inception_sha256="",
         reference_npz="",  # ADM-style statistics (mu, sigma); '' = features of the test split
         nearest_k=3,
+        # Inception evaluation (hd.eval.evaluator.evaluate_inception; README "Reproducing the paper on ImageNet-256"):
+        vae_dir="",  # diffusers AutoencoderKL folder: samples are latents, decoded (latents / scaling_factor)
+        vae_sha256="",  # expected sha256 of the VAE's safetensors file ('' = not checked)
+        export_npz="",  # also write the samples as an ADM evaluator .npz (arr_0 uint8 NHWC, arr_1 labels)
+        guidance_scales=(),  # one teacher row per scale; () = just cfg_scale
+        chunk_size=0,  # samples per saved (resumable) chunk, a multiple of batch_size; 0 = 10 batches
+        inception_splits=10,  # Inception Score over this many equal splits (10 = ADM / improved-GAN)
     ))
 
     c.log_every = 50
@@ -158,6 +183,51 @@ def check_example_shape(data_cfg: ml_collections.ConfigDict, dataset_shape: tupl
     return dataset_shape
 
 
+# Keys that may change when a run resumes: how long and how fast it trains, how often it logs, saves, samples
+# and scores, where it reads its data and sources from, and how the same arrays are laid out over devices.
+# Every other key defines the run (its parameter shapes, data, batch, random stream, objective): changing one
+# on resume is an error (see run_defining_changes). A new key defines the run until it is listed here.
+RESUMABLE_KEYS = (
+    "num_steps", "restore_step", "allow_unfinished_sources", "optimizer.*", "ema_decay", "max_consecutive_skips",
+    "log_every", "checkpoint_every", "keep_checkpoints", "sample_every", "eval_every", "sample.*", "eval.*",
+    "mesh.*", "sharding_rules", "model.remat", "model.scan_blocks", "data.data_dir", "data.idx_dir",
+    "data.max_in_memory_mb", "data.example_shape", "sketch.teacher_workdir", "refine.teacher_workdir",
+    "refine.sketch_workdir", "refine.critic_lr",
+)
+
+
+def flat_config(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{dotted key: value} of a nested dict (config.to_dict() or a parsed config.json); lists are values."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flat_config(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def is_resumable(key: str) -> bool:
+    return any(key == k or (k.endswith(".*") and key.startswith(k[:-1])) for k in RESUMABLE_KEYS)
+
+
+def config_changes(stored: dict, config: ml_collections.ConfigDict) -> dict[str, tuple[Any, Any]]:
+    """{dotted key: (stored value, new value)} for every schema key whose value differs from a stored
+    config.json. Values are compared as JSON (tuples as lists); a key the stored file lacks (written before the
+    key existed) is not a change, nor is a stored key the schema no longer has (e.g. `sources`)."""
+    old = flat_config(stored)
+    new = flat_config(json.loads(config.to_json_best_effort()))
+    return {k: (old[k], v) for k, v in new.items() if k in old and old[k] != v}
+
+
+def run_defining_changes(changes: dict[str, tuple[Any, Any]]) -> dict[str, tuple[Any, Any]]:
+    return {k: v for k, v in changes.items() if not is_resumable(k)}
+
+
+def format_changes(changes: dict[str, tuple[Any, Any]]) -> str:
+    return "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in sorted(changes.items()))
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     """Raise ValueError naming the key and the fix for any value that cannot work."""
     if config.stage not in STAGES:
@@ -165,6 +235,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     _positive(config, ("batch_size", "num_steps", "log_every", "checkpoint_every", "keep_checkpoints",
                        "optimizer.lr", "max_consecutive_skips", "sample.num_steps", "sample.per_class",
                        "data.num_classes", "model.patch_size", "model.width", "model.depth", "model.mlp_ratio"))
+    if config.restore_step < -1:
+        raise ValueError(f"config.restore_step={config.restore_step} must be a checkpoint step, or 0 / -1 for the "
+                         "newest")
     if not 0.0 <= config.ema_decay < 1.0:
         raise ValueError(f"config.ema_decay={config.ema_decay} must be in [0, 1)")
     if config.optimizer.warmup_steps < 0 or config.sample_every < 0 or config.eval_every < 0:
@@ -231,7 +304,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
             raise ValueError(f"config.refine.generator_init={rf.generator_init!r} is not 'sketch' or 'teacher'")
         if rf.generator_init == "sketch" and not rf.sketch_workdir:
             raise ValueError("config.refine.sketch_workdir is empty: set it to a finished sketch stage, or use "
-                             "--config.refine.generator_init=teacher for the DMD-only baseline")
+                             "--config.refine.generator_init=teacher for the no-sketch baseline")
         if rf.gan_head not in ("awd", "gap", "conv", "none"):
             raise ValueError(f"config.refine.gan_head={rf.gan_head!r} is not one of 'awd', 'gap', 'conv', 'none'")
         if rf.awd_weighting not in ("attention", "logit"):

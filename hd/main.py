@@ -8,6 +8,9 @@ JAX_NUM_PROCESSES, JAX_PROCESS_ID in the environment), all pointing at one share
 
 from __future__ import annotations
 
+import os
+import sys
+
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -41,8 +44,11 @@ def run(config, workdir: str) -> None:
         return
     from hd.train.loop import train  # after flag parsing: keeps --help fast
 
-    train(config, workdir)
+    train(config, workdir, command=sys.argv)  # the command line, quoted in errors that say how to resume
 
 
 if __name__ == "__main__":
+    path = next((a.split("=", 1)[1].split(":", 1)[0] for a in sys.argv[1:] if a.startswith("--config=")), None)
+    if path is not None and not os.path.isfile(path):  # else ml_collections defers it to a vaguer error
+        sys.exit(f"hd.main: --config: config file {path} does not exist ({os.path.abspath(path)})")
     app.run(main)

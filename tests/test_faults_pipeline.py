@@ -13,7 +13,7 @@ from hd import ablation, pipeline
 from hd.checkpoint import latest_step
 from hd.data import fashion_mnist, load_source, prepare_fashion_mnist
 
-from conftest import tree_snapshot
+from conftest import run_main, tree_snapshot
 from test_data import FAKE_SIZES, _data_cfg, _fake_images, _write_idx
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -174,6 +174,14 @@ def test_missing_config_file_is_named(run, tmp_path):
     assert not (tmp_path / "work").exists()
     with pytest.raises(FileNotFoundError, match="take the file alone"):  # hd.main's FILE:VARIANT habit
         run(CONFIG + ":tiny", str(tmp_path / "work"), "tiny")
+
+
+def test_hd_main_names_a_missing_config_file(tmp_path):
+    result = run_main("no_such_config.py:tiny", tmp_path / "work")
+    assert result.returncode != 0
+    missing = os.path.join(REPO, "configs", "no_such_config.py")
+    assert f"config file {missing} does not exist" in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "work").exists()
 
 
 # --- the Fashion-MNIST cache and its IDX files -----------------------------------------------------------

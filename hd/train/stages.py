@@ -9,12 +9,13 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
+from absl import logging
 
 from hd import flow
 from hd.models import average_velocity_apply, build_model, init_params, model_depth, velocity_apply
 from hd.models.heads import build_head
 from hd.train import steps
-from hd.checkpoint import read_items
+from hd.checkpoint import describe_source, read_items
 from hd.train.state import RefineState, TrainState, make_optimizer
 
 
@@ -68,12 +69,44 @@ def mean_flow_sampler(model, num_steps: int) -> Callable[[Any, jax.Array, jax.Ar
     return sample
 
 
-def load_teacher(model, data_shape: tuple[int, ...], workdir: str) -> Any:
-    """The teacher's EMA parameters from the newest checkpoint of its work directory, checked against the
-    configured architecture before any array is read."""
+def source_dirs(config: ml_collections.ConfigDict) -> dict[str, tuple[str, str]]:
+    """{role: (work directory, the stage it must hold)} of every earlier stage this stage reads."""
+    if config.stage == "sketch" and (config.sketch.target == "teacher" or config.sketch.teacher_workdir):
+        return {"teacher": (config.sketch.teacher_workdir, "teacher")}
+    if config.stage == "refine":
+        dirs = {"teacher": (config.refine.teacher_workdir, "teacher")}
+        if config.refine.generator_init == "sketch":
+            dirs["sketch"] = (config.refine.sketch_workdir, "sketch")
+        return dirs
+    return {}
+
+
+def hand_off_sources(config: ml_collections.ConfigDict) -> dict[str, dict]:
+    """{role: {workdir, stage, step, num_steps}} of what this stage's hand-offs read, checked without reading
+    any array (config.json present, the right stage, finished unless config.allow_unfinished_sources): what the
+    loop records under `sources` in config.json."""
+    return {role: describe_source(workdir, role, stage, allow_unfinished=config.allow_unfinished_sources)
+            for role, (workdir, stage) in source_dirs(config).items()}
+
+
+def load_ema_params(model, data_shape: tuple[int, ...], workdir: str, *, role: str = "teacher",
+                    stage: str = "teacher", allow_unfinished: bool = False) -> Any:
+    """The EMA parameters of another stage's newest checkpoint: the directory is checked first (describe_source:
+    its config.json, its stage, finished), then the stored tree against the configured architecture, before
+    any array is read. Logs the directory, stage and step it read."""
+    # The loop has logged an allowed unfinished source already (hand_off_sources); this line says which step.
+    source = describe_source(workdir, role, stage, allow_unfinished=allow_unfinished, warn=False)
     abstract = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0), data_shape))
-    items, step = read_items(workdir, {"ema_params": abstract})
+    items, step = read_items(workdir, {"ema_params": abstract}, step=source["step"])
+    unfinished = ", unfinished" if step < source["num_steps"] else ""
+    logging.info("hand-off: %s = ema_params of %s (stage %s, step %d of %d%s%s)", role, workdir, source["stage"],
+                 step, source["num_steps"], ", imported" if "imported_from" in source else "", unfinished)
     return items["ema_params"]
+
+
+def load_teacher(model, data_shape: tuple[int, ...], workdir: str, *, allow_unfinished: bool = False) -> Any:
+    """The teacher's EMA parameters from the newest checkpoint of a finished teacher stage's work directory."""
+    return load_ema_params(model, data_shape, workdir, allow_unfinished=allow_unfinished)
 
 
 def student_from_teacher(teacher_params: Any) -> Any:
@@ -88,7 +121,8 @@ def sketch_stage(config: ml_collections.ConfigDict, data_shape: tuple[int, ...])
     # MeanFlow from data alone (target 'data') may start from scratch when no teacher is named.
     teacher_params = None
     if config.sketch.target == "teacher" or config.sketch.teacher_workdir:
-        teacher_params = load_teacher(model, data_shape, config.sketch.teacher_workdir)
+        teacher_params = load_teacher(model, data_shape, config.sketch.teacher_workdir,
+                                      allow_unfinished=config.allow_unfinished_sources)
     return sketch_stage_from(config, data_shape, teacher_params)
 
 
@@ -115,14 +149,15 @@ def sketch_stage_from(config: ml_collections.ConfigDict, data_shape: tuple[int, 
 
 
 def refine_stage(config: ml_collections.ConfigDict, data_shape: tuple[int, ...]) -> Stage:
-    """Generator from the sketch's EMA (or the teacher: the DMD-only baseline); real and fake score from the
+    """Generator from the sketch's EMA (or the teacher: the no-sketch baseline); real and fake score from the
     teacher's EMA."""
     cfg = config.refine
     model = build_model(config.model, data_shape, config.data.num_classes)
-    teacher_params = load_teacher(model, data_shape, cfg.teacher_workdir)
+    teacher_params = load_teacher(model, data_shape, cfg.teacher_workdir,
+                                  allow_unfinished=config.allow_unfinished_sources)
     if cfg.generator_init == "sketch":
-        abstract = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0), data_shape))
-        generator = read_items(cfg.sketch_workdir, {"ema_params": abstract})[0]["ema_params"]
+        generator = load_ema_params(model, data_shape, cfg.sketch_workdir, role="sketch", stage="sketch",
+                                    allow_unfinished=config.allow_unfinished_sources)
     else:
         generator = student_from_teacher(teacher_params)
     return refine_stage_from(config, data_shape, teacher_params, generator)
