@@ -3,6 +3,7 @@ compiled step, any update whose loss or gradient is not finite."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -10,13 +11,10 @@ import jax.numpy as jnp
 import optax
 
 from hd import flow
-from hd.flow import interpolate
 from hd.models import average_velocity_apply, velocity_apply
 from hd.objectives.flow_matching import flow_matching_loss
-from hd.models.heads import discriminator_output, weight_entropy
-from hd.objectives.adversarial import discriminator_loss, generator_adversarial_loss
-from hd.objectives.dmd import dmd_generator_loss
 from hd.objectives.meanflow import meanflow_loss
+from hd.objectives.refine import discriminator_apply, refine_critic_loss, refine_generator_loss
 from hd.train.state import RefineState, TrainState, ema_update
 
 LossFn = Callable[[Any, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
@@ -99,35 +97,22 @@ def refine_step(state: RefineState, batch: dict[str, jax.Array], teacher_params:
     """Every step updates the critic (fake score + head); every k-th step first updates the generator.
     Each update differentiates exactly one tree: the generator's, or the critic's."""
     cfg = config.refine
-    null = config.data.num_classes
-    y = batch["y"]
     k_gen, k_critic = jax.random.split(step_key(config.seed, state.step))
     velocity = velocity_apply(model)
-    real_velocity = flow.guided_velocity(lambda z, t, c: velocity(teacher_params, z, t, c), null, cfg.real_cfg_scale)
-    use_gan = cfg.gan_head != "none"
-    noise_level = lambda key: jax.random.uniform(key, (y.shape[0],), minval=cfg.t_min, maxval=cfg.t_max)
-
-    def discriminate(critic_params, x, t, *, for_generator):
-        features = critic_params["fake_score"] if cfg.feature_net == "fake_score" else teacher_params
-        _, tokens = model.apply({"params": features}, x, t, t * 0, y, return_tokens_at=cfg.feature_block)
-        logits, weights = head.apply({"params": critic_params["head"]}, tokens, for_generator=for_generator)
-        return discriminator_output(logits, weights), weights
+    generator = functools.partial(one_step_generate, model)
+    discriminate = None if cfg.gan_head == "none" else discriminator_apply(
+        model, head, teacher_params, feature_net=cfg.feature_net, feature_block=cfg.feature_block)
+    # The generator's update reads both scores and the critic as they stand, as constants.
+    real_velocity = flow.guided_velocity(lambda z, t, c: velocity(teacher_params, z, t, c), config.data.num_classes,
+                                         cfg.real_cfg_scale)
+    fake_velocity = lambda z, t, c: velocity(state.critic_params["fake_score"], z, t, c)
+    critic_now = None if discriminate is None else (
+        lambda x, t, c: discriminate(state.critic_params, x, t, c, for_generator=True))
 
     def generator_loss(params, key):
-        k_noise, k_dmd, k_t, k_n = jax.random.split(key, 4)
-        x_g = one_step_generate(model, params, jax.random.normal(k_noise, batch["x"].shape), y)
-        fake_velocity = lambda z, t, c: velocity(state.critic_params["fake_score"], z, t, c)
-        loss, metrics = dmd_generator_loss(x_g, y, k_dmd, real_velocity=real_velocity, fake_velocity=fake_velocity,
-                                           t_min=cfg.t_min, t_max=cfg.t_max)
-        if use_gan:
-            t_d = noise_level(k_t)
-            d_generated, weights = discriminate(state.critic_params,
-                                                interpolate(x_g, jax.random.normal(k_n, x_g.shape), t_d), t_d,
-                                                for_generator=True)
-            adversarial = generator_adversarial_loss(d_generated)
-            loss = loss + cfg.gan_weight_generator * adversarial
-            metrics.update(g_adv_loss=adversarial, token_weight_entropy=weight_entropy(weights))
-        return loss, dict(metrics, loss=loss)
+        return refine_generator_loss(generator, params, batch, key, real_velocity=real_velocity,
+                                     fake_velocity=fake_velocity, discriminator=critic_now, t_min=cfg.t_min,
+                                     t_max=cfg.t_max, gan_weight=cfg.gan_weight_generator)
 
     def update_generator(_):
         params, opt_state, finite, metrics = guarded_update(generator_loss, state.params, state.opt_state, k_gen,
@@ -144,22 +129,11 @@ def refine_step(state: RefineState, batch: dict[str, jax.Array], teacher_params:
     gen_params, gen_opt_state, gen_finite, gen_metrics = jax.lax.cond(generator_due, update_generator,
                                                                       keep_generator, None)
 
-    def critic_loss(critic_params, key):
-        k_noise, k_fm, k_t, k_real, k_fake = jax.random.split(key, 5)
-        x_g = jax.lax.stop_gradient(one_step_generate(model, gen_params, jax.random.normal(k_noise, batch["x"].shape), y))
-        loss, fm_metrics = flow_matching_loss(velocity, critic_params["fake_score"], {"x": x_g, "y": y}, k_fm,
-                                              null_label=null, label_dropout=0.0)
-        metrics = {"fake_score_loss": fm_metrics["loss"]}
-        if use_gan:
-            t_d = noise_level(k_t)
-            d_real, _ = discriminate(critic_params, interpolate(batch["x"], jax.random.normal(k_real, x_g.shape), t_d),
-                                     t_d, for_generator=False)
-            d_fake, weights = discriminate(critic_params, interpolate(x_g, jax.random.normal(k_fake, x_g.shape), t_d),
-                                           t_d, for_generator=False)
-            d_loss, d_metrics = discriminator_loss(d_real, d_fake)
-            loss = loss + cfg.gan_weight_critic * d_loss
-            metrics.update(d_metrics, token_weight_entropy=weight_entropy(weights))
-        return loss, dict(metrics, loss=loss)
+    def critic_loss(critic_params, key):  # on samples of the generator after this step's update, if any
+        return refine_critic_loss(velocity, discriminate, critic_params, batch, key,
+                                  generator=functools.partial(generator, gen_params),
+                                  null_label=config.data.num_classes, t_min=cfg.t_min, t_max=cfg.t_max,
+                                  gan_weight=cfg.gan_weight_critic)
 
     critic_params, critic_opt_state, critic_finite, critic_metrics = guarded_update(
         critic_loss, state.critic_params, state.critic_opt_state, k_critic, critic_optimizer)
