@@ -127,7 +127,8 @@ def test_latent_pipeline_prepare_teacher_sketch_refine_eval(tmp_path):
     print(f"prepared: {prepared - start:.1f} s")
 
     overrides = (f"data.data_dir={data_dir}", f"eval.vae_dir={vae_dir}", f"eval.inception_weights={inception}",
-                 f"eval.inception_sha256={inception_sha}", f"eval.reference_npz={reference}")
+                 f"eval.inception_sha256={inception_sha}", f"eval.reference_npz={reference}",
+                 f"sample.vae_dir={vae_dir}")  # grids decoded to RGB by the VAE the latents were made with
     workdir = tmp_path / "run"
     configs, dirs = stage_configs(str(REPO / "configs" / "latent_tiny.py"), str(workdir), "default", overrides), \
         stage_dirs(str(workdir))
@@ -135,6 +136,13 @@ def test_latent_pipeline_prepare_teacher_sketch_refine_eval(tmp_path):
         metrics = train(configs[stage], dirs[stage])
         assert metrics and all(np.isfinite(v) for v in metrics.values()), (stage, metrics)
         assert latest_step(dirs[stage]) == 6
+        # The final grid: 10 classes x 1 sample of decoded 32x32 RGB images (raw 8x8x4 latents would make a
+        # 91x10 RGBA image), 1-pixel padding.
+        with Image.open(os.path.join(dirs[stage], "samples", "step_0000006.png")) as png:
+            assert png.mode == "RGB", (stage, png.mode)
+            grid = np.asarray(png)
+        assert grid.shape == (10 * 33 + 1, 33 + 1, 3), (stage, grid.shape)
+        assert grid[1:-1, 1:-1].std() > 1.0, stage  # images, not blank padding
         print(f"{stage}: {time.perf_counter() - start:.1f} s since the start")
     trained = time.perf_counter()
 

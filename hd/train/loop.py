@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import json
 import os
 import shlex
@@ -18,7 +19,7 @@ import numpy as np
 from absl import logging
 from clu import metrics
 from etils import epath
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from hd import parallel, visualize
 from hd.checkpoint import (Checkpointer, DiskFullError, WriterLock, abstract_like, complete_steps, is_disk_full,
@@ -168,9 +169,86 @@ def grid_inputs(config: ml_collections.ConfigDict, data_shape: tuple[int, ...]) 
 
 
 def render_samples(config: ml_collections.ConfigDict, samples: np.ndarray) -> np.ndarray:
+    """Grid samples (points, images in [-1, 1], or uint8 images decoded by `grid_decoder`) -> one uint8 image."""
     if config.data.name == "toy2d":
         return visualize.points_image(samples)
     return visualize.image_grid(samples, rows=config.data.num_classes)
+
+
+def load_grid_vae(config: ml_collections.ConfigDict, data_shape: tuple[int, ...]) -> Any:
+    """The VAE config.sample.vae_dir names (an hd.models.vae.VAE), checked against the data; None for ''.
+
+    Checked before anything compiles or is written: the folder's files, their sha256 (config.sample.vae_sha256),
+    latent channels against the examples, and scaling_factor against config.data.latent_scale for posterior
+    datasets (whose metadata the latent source has checked that scale against already)."""
+    directory = config.sample.vae_dir
+    if not directory:
+        if len(data_shape) == 3 and data_shape[-1] not in (1, 3):
+            logging.warning("sample grids show the raw %d-channel examples: set config.sample.vae_dir to the VAE "
+                            "the latents were made with to see decoded images", data_shape[-1])
+        return None
+    from hd.models.vae import CONFIG_NAME, WEIGHTS_NAME, load_vae
+
+    missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if not os.path.isfile(os.path.join(directory, n))]
+    if missing:
+        raise ValueError(f"config.sample.vae_dir={directory!r} lacks {', '.join(missing)}: set it to the diffusers "
+                         "AutoencoderKL folder the latents were made with (prepare_latents --vae), or to '' for "
+                         "grids of the data as it is")
+    if len(data_shape) != 3:
+        raise ValueError(f"config.sample.vae_dir is set, but the examples of config.data.name="
+                         f"{config.data.name!r} have shape {data_shape}, not latent images (h, w, c): set it to ''")
+    try:
+        vae = load_vae(directory, sha256=config.sample.vae_sha256)
+    except ValueError as e:  # a wrong sha256 or weights that do not fit the folder's config.json
+        raise ValueError(f"config.sample.vae_dir={directory!r} (config.sample.vae_sha256="
+                         f"{config.sample.vae_sha256!r}): {e}") from e
+    if vae.module.latent_channels != data_shape[-1]:
+        raise ValueError(f"config.sample.vae_dir={directory!r} holds a VAE with {vae.module.latent_channels} latent "
+                         f"channels, but the examples have shape {data_shape}: use the VAE the latents were made with")
+    scale = config.data.latent_scale
+    if config.data.latent_posterior and not np.isclose(vae.scaling_factor, scale, rtol=1e-6):
+        raise ValueError(f"config.sample.vae_dir={directory!r} holds a VAE with scaling_factor {vae.scaling_factor}, "
+                         f"but the model trains on latents x config.data.latent_scale={scale}: use the VAE the "
+                         "latents were made with")
+    return vae
+
+
+# Latents per device per decoder call: bounds the decoder's activations (~1.5 GB for 8 SD-VAE images at 256 px).
+GRID_DECODE_ROWS = 8
+
+
+def grid_decoder(vae: Any, mesh: Mesh, rows_per_call: int = GRID_DECODE_ROWS) -> Callable[[jax.Array], jax.Array]:
+    """latents x scaling_factor [N, h, w, c] -> uint8 images [N, H, W, 3], replicated (every process reads them),
+    in one jitted call with the VAE's parameters replicated over `mesh`."""
+    params = jax.device_put(vae.params, parallel.replicated(mesh))
+    decode = functools.partial(_decode_grid, module=vae.module, scale=vae.scaling_factor, mesh=mesh,
+                               rows_per_call=rows_per_call)
+    return lambda latents: decode(params, latents)
+
+
+@functools.partial(jax.jit, static_argnames=("module", "scale", "mesh", "rows_per_call"))
+def _decode_grid(params: Any, latents: jax.Array, *, module: Any, scale: float, mesh: Mesh,
+                 rows_per_call: int) -> jax.Array:
+    """The grid's rows split over every device (padded to a multiple of the device count), each device decoding
+    its rows `rows_per_call` at a time (lax.map): a 1000-image ImageNet grid would not fit one decoder call.
+    Module-level with static arguments, so the stages of one process share the compiled decoder."""
+    from hd.eval.inception import quantize_to_uint8  # the quantisation FID uses: grids show what it scores
+
+    n = latents.shape[0]
+    per_device = -(-n // mesh.size)
+    calls = -(-per_device // rows_per_call)
+    chunk = -(-per_device // calls)  # equal chunks, least padding
+    pad = mesh.size * calls * chunk - n
+    z = jnp.pad(latents.astype(jnp.float32) / scale, ((0, pad),) + ((0, 0),) * (latents.ndim - 1))
+
+    def local(p: Any, rows: jax.Array) -> jax.Array:
+        rows = rows.reshape(calls, chunk, *rows.shape[1:])
+        images = jax.lax.map(lambda zc: quantize_to_uint8(module.apply({"params": p}, zc, method="decode")), rows)
+        return images.reshape(calls * chunk, *images.shape[2:])
+
+    batch = PartitionSpec(parallel.AXES)
+    images = jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(), batch), out_specs=batch)(params, z)
+    return jax.lax.with_sharding_constraint(images[:n], parallel.replicated(mesh))
 
 
 def interval_averages(step_metrics: dict[str, jax.Array]) -> dict[str, metrics.Average]:
@@ -239,6 +317,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, command: Sequence[
     data = make_batch_iterator(config.data, global_batch_size=config.batch_size, seed=config.seed,
                                process_index=jax.process_index(), process_count=jax.process_count())
     data_shape = check_example_shape(config.data, data.source.example_shape)  # == config.data.example_shape if set
+    grid_vae = load_grid_vae(config, data_shape)  # None: grids show the data as it is
     stage: Stage = build_stage(config, data_shape)
 
     # Mesh and shardings: parameters and optimizer states by rules, batches over all devices.
@@ -258,6 +337,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, command: Sequence[
     # Samples come back replicated, so every process can read them (np.asarray) and process 0 writes them.
     sample = jax.jit(stage.sample, out_shardings=parallel.replicated(mesh))
     grid_noise, grid_labels = grid_inputs(config, data_shape)  # uncommitted: the same on every process
+    decode_grid = grid_decoder(grid_vae, mesh) if grid_vae is not None else None
 
     # Compile the step and trace the sampler before the work directory is touched, so a value that only fails
     # here (e.g. a patch size that does not tile the image) leaves an existing run as it was. The loop runs
@@ -269,7 +349,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, command: Sequence[
                       for k, v in probe.items()}
     train_step = train_step.lower(abstract_like(abstract_state, state_sharding), abstract_batch,
                                   abstract_like(stage.frozen, frozen_sharding)).compile()
-    jax.eval_shape(stage.sample, abstract_state, stage.frozen, grid_noise, grid_labels)
+    grid_shape = jax.eval_shape(stage.sample, abstract_state, stage.frozen, grid_noise, grid_labels)
+    if decode_grid is not None:
+        jax.eval_shape(decode_grid, grid_shape)  # latents the VAE cannot decode fail here, not at the first grid
 
     # From here on the work directory is written: by this job alone (the lock); a full disk is one clear error.
     with _writing(workdir, lock) as status:
@@ -337,7 +419,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, command: Sequence[
 
         def write_samples(step: int) -> None:  # on every process: the sampler is a collective
             t0 = time.perf_counter()
-            images = np.asarray(jax.device_get(sample(state, frozen, grid_noise, grid_labels)))
+            images = sample(state, frozen, grid_noise, grid_labels)
+            if decode_grid is not None:
+                images = decode_grid(images)  # uint8 RGB
+            images = np.asarray(jax.device_get(images))
             grid = render_samples(config, images)
             if jax.process_index() == 0:
                 visualize.save_png(grid, os.path.join(workdir, "samples", f"step_{step:07d}.png"))
