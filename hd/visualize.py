@@ -1,4 +1,4 @@
-"""Sample grids as uint8 images (for PNG files and TensorBoard)."""
+"""Sample grids and token heat maps as uint8 images (for PNG files and TensorBoard)."""
 
 from __future__ import annotations
 
@@ -14,15 +14,53 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     return np.clip(np.asarray(images, np.float32) * 127.5 + 128.0, 0, 255).astype(np.uint8)
 
 
-def image_grid(images: np.ndarray, rows: int, pad: int = 1) -> np.ndarray:
-    """[N, H, W, C] in [-1, 1] -> one [rows*(H+pad)+pad, cols*(W+pad)+pad, C] uint8 grid, row-major."""
+def upscale_nearest(images: np.ndarray, factor: int) -> np.ndarray:
+    """[..., H, W, C] -> [..., factor*H, factor*W, C], each pixel repeated (no smoothing: pixels stay readable)."""
+    if not isinstance(factor, (int, np.integer)) or factor < 1:
+        raise ValueError(f"upscale factor {factor!r} must be a positive integer (1 = unchanged)")
+    return images if factor == 1 else np.repeat(np.repeat(images, factor, axis=-3), factor, axis=-2)
+
+
+def image_grid(images: np.ndarray, rows: int, pad: int = 1, upscale: int = 1) -> np.ndarray:
+    """[N, H, W, C] in [-1, 1] (or already uint8) -> one [rows*(H'+pad)+pad, cols*(W'+pad)+pad, C] uint8 grid,
+    row-major, where H' = upscale*H: `upscale` > 1 enlarges each image by nearest-neighbour repetition (e.g. 3
+    for 28-pixel images in a README), the padding stays `pad` pixels."""
+    images = upscale_nearest(images if images.dtype == np.uint8 else to_uint8(images), upscale)
     n, h, w, c = images.shape
     cols = -(-n // rows)
     grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, np.uint8)
-    for i, img in enumerate(to_uint8(images)):
+    for i, img in enumerate(images):
         r, q = divmod(i, cols)
         grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = img
     return grid
+
+
+def heat_colours(heat: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] [...] -> RGB floats in [0, 1] [..., 3] on a black-red-yellow-white ramp (dark = 0)."""
+    heat = np.clip(np.asarray(heat, np.float32), 0.0, 1.0)[..., None]
+    return np.clip(heat * 3.0 - np.array([0.0, 1.0, 2.0], np.float32), 0.0, 1.0)
+
+
+def token_heatmaps(weights: np.ndarray, image_shape: tuple[int, int]) -> np.ndarray:
+    """Token weights [N, T] on a square token grid (row-major, as the DiT patchifies) -> [N, H, W] maps, each
+    token's weight repeated over its patch. H and W must be multiples of sqrt(T)."""
+    n, t = weights.shape
+    side = int(round(np.sqrt(t)))
+    h, w = image_shape
+    if side * side != t or h % side or w % side:
+        raise ValueError(f"{t} token weights do not tile a {h}x{w} image: need a square token grid whose side "
+                         "divides the image size (the feature network's patch grid)")
+    grid = np.asarray(weights, np.float32).reshape(n, side, side)
+    return np.repeat(np.repeat(grid, h // side, axis=1), w // side, axis=2)
+
+
+def heatmap_overlay(images: np.ndarray, heat: np.ndarray, alpha: float = 0.6) -> np.ndarray:
+    """Images [N, H, W, C] in [-1, 1] and maps [N, H, W] in [0, 1] -> uint8 RGB [N, H, W, 3]: the image in grey,
+    blended with the heat colours (weight `alpha` where the map is 1, none where it is 0)."""
+    grey = (np.clip(np.asarray(images, np.float32).mean(axis=-1), -1.0, 1.0) + 1.0) / 2.0
+    a = alpha * np.clip(heat, 0.0, 1.0)[..., None]
+    rgb = (1.0 - a) * grey[..., None] + a * heat_colours(heat)
+    return np.clip(np.round(rgb * 255.0), 0, 255).astype(np.uint8)
 
 
 def points_image(points: np.ndarray, size: int = 256, extent: float = 4.0) -> np.ndarray:

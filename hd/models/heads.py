@@ -81,11 +81,16 @@ class AWDHead(nn.Module):
             weights = jax.nn.softmax(scores, axis=1)
         elif self.weighting == "logit":
             uniform = jnp.full(logits.shape, 1.0 / logits.shape[1])
-            weights = jax.nn.softmax(-jax.lax.stop_gradient(logits) / self.temperature, axis=1) if for_generator \
-                else uniform
+            weights = logit_weights(logits, self.temperature) if for_generator else uniform
         else:
             raise ValueError(f"AWD weighting {self.weighting!r} is not 'attention' or 'logit'")
         return logits, weights
+
+
+def logit_weights(logits: jax.Array, temperature: float = 1.0) -> jax.Array:
+    """The 'logit' weighting a = softmax_i(-l_i / tau) over tokens (axis 1), no gradient through a: most weight
+    on the tokens that look most fake. Also what the heat maps (hd.eval.heatmaps) show for any head's logits."""
+    return jax.nn.softmax(-jax.lax.stop_gradient(logits) / temperature, axis=1)
 
 
 def discriminator_output(logits: jax.Array, weights: jax.Array) -> jax.Array:
