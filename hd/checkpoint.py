@@ -23,6 +23,8 @@ from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from orbax.checkpoint.checkpoint_managers import preservation_policy
 
+from hd.models import abstract_params
+
 DATA_ITEM = "data"
 COUNTERS_ITEM = "counters"  # scalar fields (step, skip counts): orbax saves pytrees, not bare scalars
 LOCK_FILE = "writer.lock"
@@ -503,3 +505,11 @@ def read_items(workdir: str, abstract_items: dict[str, Any], step: int | None = 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def read_ema_params(model, data_shape: tuple[int, ...], workdir: str, step: int | None = None) -> tuple[Any, int]:
+    """(ema_params, step) of a work directory's checkpoint (newest unless `step`), the stored tree checked against
+    `model`'s architecture before any array is read. No provenance check: see hd.train.stages.load_ema_params
+    for hand-offs."""
+    items, step = read_items(workdir, {"ema_params": abstract_params(model, data_shape)}, step=step)
+    return items["ema_params"], step

@@ -37,8 +37,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+from hd import cli
 
 # Generations this check knows: HBM per chip (GiB), the chip config libtpu is asked for, and the number of
 # dimensions of a topology name. v4 and v5p chips hold two TensorCores that JAX drives as one device
@@ -117,22 +119,6 @@ def example_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
                          "--config.data.example_shape, e.g. '(32, 32, 4)'") from e
 
 
-def _with_placeholder_workdirs(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The hand-off work directories validate() asks for are not read here: the trees are abstract."""
-    from hd.train.stages import copy_with
-
-    placeholder = "<abstract: hd.compile_check>"
-    updates = {}
-    if config.stage == "sketch" and config.sketch.target == "teacher" and not config.sketch.teacher_workdir:
-        updates["sketch.teacher_workdir"] = placeholder
-    if config.stage == "refine":
-        if not config.refine.teacher_workdir:
-            updates["refine.teacher_workdir"] = placeholder
-        if config.refine.generator_init == "sketch" and not config.refine.sketch_workdir:
-            updates["refine.sketch_workdir"] = placeholder
-    return copy_with(config, updates) if updates else config
-
-
 def _tree_bytes(tree: Any, shardings: Any) -> dict[str, int]:
     """Total bytes of a tree, bytes per device under its shardings, and bytes of the leaves kept whole."""
     leaves = jax.tree.leaves(tree)
@@ -167,7 +153,8 @@ def unrolled_flops(config: ml_collections.ConfigDict, data_shape: tuple[int, ...
     lowered for one CPU device (before optimisation: lowering only, so XL takes seconds)."""
     from hd import parallel
     from hd.train.loop import compile_train_step
-    from hd.train.stages import abstract_stage, copy_with
+    from hd.config import copy_with
+    from hd.train.stages import abstract_stage
 
     config = copy_with(config, {"model.scan_blocks": False})
     stage, abstract_state = abstract_stage(config, data_shape)
@@ -192,16 +179,17 @@ def _abstract_batch(config: ml_collections.ConfigDict, data_shape: tuple[int, ..
 def compile_check(config: ml_collections.ConfigDict, topology: str) -> dict:
     """Lower and compile `config`'s train step for the TPU slice `topology`; returns what it measured."""
     from hd import parallel
-    from hd.config import validate
+    from hd.config import check_values
     from hd.train.loop import compile_train_step
     from hd.train.stages import abstract_stage
 
     generation, dims = parse_topology(topology)
     chips = math.prod(dims)
     # The config is checked against the slice before libtpu is even loaded: a mesh that does not cover the
-    # chips, a batch that does not divide over them, any invalid value.
+    # chips, a batch that does not divide over them, any invalid value. The hand-off work directories are not
+    # checked: the trees are abstract, nothing is read.
     try:
-        validate(_with_placeholder_workdirs(config), chips)
+        check_values(config, chips)
     except ValueError as e:
         raise CheckError(f"config does not fit --topology={topology} ({chips} chips): {e}") from e
     devices, _ = tpu_devices(topology)
@@ -392,16 +380,15 @@ def format_result(result: dict, config_name: str = "") -> str:
     return "\n".join(lines + _verdict_lines(result))
 
 
-def main(argv: list[str]) -> None:
-    del argv
-    from hd.logs import quiet_library_logs
-
-    quiet_library_logs()
-    # Compile only: JAX itself stays on the CPU (no TPU here, and none is needed), and the persistent
-    # compilation cache (tests set one) is not asked to store TPU executables.
+def compile_only() -> None:
+    """Before any device is touched: JAX itself stays on the CPU (no TPU here, and none is needed), and the
+    persistent compilation cache (tests set one) is not asked to store TPU executables."""
     if not os.environ.get("JAX_PLATFORMS"):
         jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_enable_compilation_cache", False)
+
+
+def main() -> None:
     if _TARGET.value == "vae_decode":
         _vae_main()
     config = _CONFIG.value
@@ -449,8 +436,8 @@ def _vae_main() -> None:
 
 
 if __name__ == "__main__":  # flags only here: importing this module (tests, notebooks) defines none
-    _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file and variant, e.g. "
-                                              "configs/imagenet256.py:sketch (--target=train_step).")
+    _CONFIG = cli.config_variant_flag("Config file and variant, e.g. configs/imagenet256.py:sketch "
+                                      "(--target=train_step).")
     _TARGET = flags.DEFINE_enum("target", "train_step", ["train_step", "vae_decode"],
                                 "What to compile: the config's train step, or the VAE decode (--vae_* flags).")
     _VAE_CONFIG = flags.DEFINE_string("vae_config", "", "--target=vae_decode: a diffusers AutoencoderKL config.json "
@@ -463,5 +450,5 @@ if __name__ == "__main__":  # flags only here: importing this module (tests, not
     _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice GENERATION:AxB[xC], e.g. v4:2x2x4, v5e:4x4.")
     _JSON = flags.DEFINE_string("json", "", "Also write the results as JSON to this file ('-': JSON to stdout "
                                 "instead of the table).")
-    flags.mark_flags_as_required(["topology"])
-    app.run(main)
+    compile_only()
+    cli.start(main, "hd.compile_check", required=["topology"], variant_config=True)

@@ -7,10 +7,14 @@ rejects a value of the wrong type.
 
 from __future__ import annotations
 
+import difflib
 import json
 from typing import Any
 
 import ml_collections
+from absl import flags
+from ml_collections import config_flags
+from ml_collections.config_flags import config_path
 
 STAGES = ("teacher", "sketch", "refine", "eval")
 
@@ -160,15 +164,102 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_every = 0  # > 0: score samples of the stage's sampler with config.eval's feature net (TensorBoard eval/*)
     c.sample = ml_collections.ConfigDict(dict(
         num_steps=32, method="euler", cfg_scale=1.0, per_class=8,
+        # Latent data: grids are decoded by this diffusers AutoencoderKL folder (latents / its scaling_factor,
+        # which must equal data.latent_scale) and shown as RGB images; '' = grids show the data as it is.
+        vae_dir="",
+        vae_sha256="",  # expected sha256 of the VAE's safetensors file ('' = not checked)
     ))
     return c
 
 
+# --- dotted keys ('refine.critic_lr'): the one walker every helper below goes through ---------------------
+
+def _parent(config: ml_collections.ConfigDict, dotted: str) -> tuple[ml_collections.ConfigDict, str]:
+    *parents, leaf = dotted.split(".")
+    node = config
+    for part in parents:
+        node = node[part]
+    return node, leaf
+
+
+def get_value(config: ml_collections.ConfigDict, dotted: str) -> Any:
+    node, leaf = _parent(config, dotted)
+    return node[leaf]
+
+
+def set_values(config: ml_collections.ConfigDict, updates: dict[str, Any]) -> ml_collections.ConfigDict:
+    """Sets dotted keys in place (a locked config rejects a key it lacks, naming it) and returns `config`."""
+    for dotted, value in updates.items():
+        node, leaf = _parent(config, dotted)
+        node[leaf] = value
+    return config
+
+
+def copy_with(config: ml_collections.ConfigDict, updates: dict[str, Any]) -> ml_collections.ConfigDict:
+    """An unlocked copy of `config` with dotted keys replaced."""
+    return set_values(ml_collections.ConfigDict(config.to_dict()), updates)
+
+
+def dotted_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    """Every key of `config`, groups included ('refine', 'refine.critic_lr', ...)."""
+    keys = []
+    for name, value in config.items():
+        keys.append(prefix + name)
+        if isinstance(value, ml_collections.ConfigDict):
+            keys += dotted_keys(value, prefix + name + ".")
+    return keys
+
+
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", tuple: "a tuple such as (1, 2)",
+               str: "a string"}
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> ml_collections.ConfigDict:
+    """KEY=VALUE strings on a locked config, each parsed as `--config.KEY=VALUE` is (ml_collections' flag
+    parsers for the field's type: so `--set` and hd.main accept and reject the same values)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {item!r} is not KEY=VALUE (e.g. --set num_steps=300)")
+        try:
+            expected = config_path.get_type(key, config)
+        except (AttributeError, KeyError):
+            close = difflib.get_close_matches(key, dotted_keys(config), n=3)
+            raise ValueError(f"--set {item}: the config has no key {key!r}"
+                             + (f" (did you mean {', '.join(close)}?)" if close else "")) from None
+        if isinstance(expected, type) and issubclass(expected, ml_collections.ConfigDict):
+            raise ValueError(f"--set {item}: {key!r} is a group of keys; set its fields one by one "
+                             f"({', '.join(k for k in dotted_keys(config) if k.startswith(key + '.'))})")
+        values = flags.FlagValues()  # a private flag set: parsing leaves the program's own flags alone
+        argv = ["hd.pipeline", f"--set.{key}={raw}"]
+        holder = config_flags.DEFINE_config_dict("set", config, flag_values=values, sys_argv=argv)
+        try:
+            values(argv)
+        except flags.Error as e:
+            raise ValueError(f"--set {key}={raw}: {raw!r} is not {_TYPE_WORDS.get(expected, expected.__name__)}, "
+                             f"the type of {key} ({e})") from None
+        config = holder.value
+    return config
+
+
+# --- values derived from the config: computed here, never written back into it ----------------------------
+
+def feature_block(config: ml_collections.ConfigDict) -> int:
+    """The block whose tokens the refine stage's head reads: refine.feature_block, -1 = the middle block."""
+    from hd.models import model_depth  # local: keeps config import light (no flax for config files)
+
+    block = config.refine.feature_block
+    return model_depth(config.model) // 2 if block == -1 else block
+
+
+def critic_optimizer(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The critic's optimizer settings: config.optimizer at the learning rate refine.critic_lr."""
+    return copy_with(config.optimizer, {"lr": config.refine.critic_lr})
+
+
 def _positive(config: ml_collections.ConfigDict, keys: tuple[str, ...]) -> None:
     for key in keys:
-        value = config
-        for part in key.split("."):
-            value = value[part]
+        value = get_value(config, key)
         if not value > 0:
             raise ValueError(f"config.{key}={value!r} must be > 0 (an integer division that rounded to 0?)")
 
@@ -229,7 +320,32 @@ def format_changes(changes: dict[str, tuple[Any, Any]]) -> str:
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
-    """Raise ValueError naming the key and the fix for any value that cannot work."""
+    """Raise ValueError naming the key and the fix for any value that cannot work, or any hand-off the stage
+    needs and the config does not name."""
+    check_values(config, num_devices)
+    check_hand_offs(config)
+
+
+def check_hand_offs(config: ml_collections.ConfigDict) -> None:
+    """The work directories of earlier stages that config.stage reads are named (not opened: what they hold is
+    checked when the stage is built). Tools that build a stage around abstract or random trees skip this."""
+    if config.stage == "sketch" and config.sketch.target == "teacher" and not config.sketch.teacher_workdir:
+        raise ValueError("config.sketch.teacher_workdir is empty: set it to the work directory of a finished "
+                         "teacher stage (or use --config.sketch.target=data to train from data alone)")
+    if config.stage == "refine":
+        rf = config.refine
+        if not rf.teacher_workdir:
+            raise ValueError("config.refine.teacher_workdir is empty: set it to the work directory of a finished "
+                             "teacher stage (the real score)")
+        if rf.generator_init == "sketch" and not rf.sketch_workdir:
+            raise ValueError("config.refine.sketch_workdir is empty: set it to a finished sketch stage, or use "
+                             "--config.refine.generator_init=teacher for the no-sketch baseline")
+    if config.stage == "eval" and not config.eval.teacher_workdir and not config.eval.students:
+        raise ValueError("config.eval: set teacher_workdir and/or students=NAME=DIR,... to say what to score")
+
+
+def check_values(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """Raise ValueError naming the key and the fix for any value that cannot work (on `num_devices`)."""
     if config.stage not in STAGES:
         raise ValueError(f"config.stage={config.stage!r} is not one of {STAGES}")
     _positive(config, ("batch_size", "num_steps", "log_every", "checkpoint_every", "keep_checkpoints",
@@ -282,9 +398,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         sk = config.sketch
         if sk.target not in ("teacher", "data"):
             raise ValueError(f"config.sketch.target={sk.target!r} is not 'teacher' or 'data'")
-        if sk.target == "teacher" and not sk.teacher_workdir:
-            raise ValueError("config.sketch.teacher_workdir is empty: set it to the work directory of a finished "
-                             "teacher stage (or use --config.sketch.target=data to train from data alone)")
         if not 0.0 <= sk.fraction_r_neq_t <= 1.0:
             raise ValueError(f"config.sketch.fraction_r_neq_t={sk.fraction_r_neq_t} must be in [0, 1]")
         if not 0.0 <= sk.fraction_one_step <= sk.fraction_r_neq_t:
@@ -297,14 +410,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
             raise ValueError("config.sketch.time_std and adaptive_c must be > 0, adaptive_p >= 0")
     if config.stage == "refine":
         rf = config.refine
-        if not rf.teacher_workdir:
-            raise ValueError("config.refine.teacher_workdir is empty: set it to the work directory of a finished "
-                             "teacher stage (the real score)")
         if rf.generator_init not in ("sketch", "teacher"):
             raise ValueError(f"config.refine.generator_init={rf.generator_init!r} is not 'sketch' or 'teacher'")
-        if rf.generator_init == "sketch" and not rf.sketch_workdir:
-            raise ValueError("config.refine.sketch_workdir is empty: set it to a finished sketch stage, or use "
-                             "--config.refine.generator_init=teacher for the no-sketch baseline")
         if rf.gan_head not in ("awd", "gap", "conv", "none"):
             raise ValueError(f"config.refine.gan_head={rf.gan_head!r} is not one of 'awd', 'gap', 'conv', 'none'")
         if rf.awd_weighting not in ("attention", "logit"):
@@ -323,8 +430,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
                              "blocks (-1 = the middle one)")
     if config.stage == "eval":
         ev = config.eval
-        if not ev.teacher_workdir and not ev.students:
-            raise ValueError("config.eval: set teacher_workdir and/or students=NAME=DIR,... to say what to score")
         if ev.feature_net not in ("classifier", "inception"):
             raise ValueError(f"config.eval.feature_net={ev.feature_net!r} is not 'classifier' or 'inception'")
         if ev.feature_net == "inception" and not ev.inception_weights:

@@ -8,26 +8,9 @@ JAX_NUM_PROCESSES, JAX_PROCESS_ID in the environment), all pointing at one share
 
 from __future__ import annotations
 
-import os
 import sys
 
-from absl import app, flags
-from ml_collections import config_flags
-
-from hd import parallel
-from hd.logs import quiet_library_logs
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file and variant, e.g. configs/toy2d.py:teacher.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Work directory of this stage (checkpoints, logs, samples).")
-_DISTRIBUTED = parallel.define_distributed_flags()  # --coordinator_address, --num_processes, --process_id
-flags.adopt_module_key_flags(parallel)  # listed by --help
-flags.mark_flags_as_required(["config", "workdir"])
-
-
-def main(argv: list[str]) -> None:
-    del argv
-    quiet_library_logs()
-    parallel.run_processes(lambda: run(_CONFIG.value, _WORKDIR.value), _DISTRIBUTED)
+from hd import cli
 
 
 def run(config, workdir: str) -> None:
@@ -47,8 +30,8 @@ def run(config, workdir: str) -> None:
     train(config, workdir, command=sys.argv)  # the command line, quoted in errors that say how to resume
 
 
-if __name__ == "__main__":
-    path = next((a.split("=", 1)[1].split(":", 1)[0] for a in sys.argv[1:] if a.startswith("--config=")), None)
-    if path is not None and not os.path.isfile(path):  # else ml_collections defers it to a vaguer error
-        sys.exit(f"hd.main: --config: config file {path} does not exist ({os.path.abspath(path)})")
-    app.run(main)
+if __name__ == "__main__":  # flags only here: importing this module defines none
+    _CONFIG = cli.config_variant_flag()
+    _WORKDIR = cli.workdir_flag()
+    cli.start(lambda: run(_CONFIG.value, _WORKDIR.value), "hd.main", required=["config", "workdir"],
+              variant_config=True)

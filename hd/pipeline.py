@@ -29,7 +29,6 @@ What each result was made from is recorded, so a rerun never reports or extends 
 
 from __future__ import annotations
 
-import difflib
 import importlib.util
 import json
 import os
@@ -37,20 +36,10 @@ import shutil
 import time
 
 import ml_collections
-from absl import app, flags, logging
-from ml_collections import config_flags
-from ml_collections.config_flags import config_path
+from absl import flags, logging
 
-from hd import parallel
-
-_CONFIG = flags.DEFINE_string("config", None, "Config file with per-stage variants, e.g. configs/fashion_mnist.py.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Pipeline work directory; each stage gets a sub-directory.")
-_PROFILE = flags.DEFINE_enum("profile", "default", ["default", "tiny"], "Which set of variants to run.")
-_SET = flags.DEFINE_multi_string("set", [], "Override for every stage, KEY=VALUE (e.g. seed=1), parsed as "
-                                 "--config.KEY=VALUE is.")
-_REBUILD = flags.DEFINE_bool("rebuild_stale", False, "Move stages built from an older teacher or sketch to "
-                             "WORKDIR/superseded/ and train them again, instead of stopping with an error.")
-_DISTRIBUTED = parallel.define_distributed_flags()  # several processes: as for hd.main
+from hd import cli
+from hd.config import apply_overrides
 
 VARIANTS = {
     "default": {"teacher": "teacher", "sketch": "sketch", "refine": "refine", "eval": "eval"},
@@ -82,47 +71,6 @@ def load_config_file(path: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", tuple: "a tuple such as (1, 2)",
-               str: "a string"}
-
-
-def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> ml_collections.ConfigDict:
-    """KEY=VALUE strings on a locked config, each parsed as `--config.KEY=VALUE` is (ml_collections' flag
-    parsers for the field's type: so `--set` and hd.main accept and reject the same values)."""
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set {item!r} is not KEY=VALUE (e.g. --set num_steps=300)")
-        try:
-            expected = config_path.get_type(key, config)
-        except (AttributeError, KeyError):
-            close = difflib.get_close_matches(key, _dotted_keys(config), n=3)
-            raise ValueError(f"--set {item}: the config has no key {key!r}"
-                             + (f" (did you mean {', '.join(close)}?)" if close else "")) from None
-        if isinstance(expected, type) and issubclass(expected, ml_collections.ConfigDict):
-            raise ValueError(f"--set {item}: {key!r} is a group of keys; set its fields one by one "
-                             f"({', '.join(k for k in _dotted_keys(config) if k.startswith(key + '.'))})")
-        values = flags.FlagValues()  # a private flag set: parsing leaves the program's own flags alone
-        argv = ["hd.pipeline", f"--set.{key}={raw}"]
-        holder = config_flags.DEFINE_config_dict("set", config, flag_values=values, sys_argv=argv)
-        try:
-            values(argv)
-        except flags.Error as e:
-            raise ValueError(f"--set {key}={raw}: {raw!r} is not {_TYPE_WORDS.get(expected, expected.__name__)}, "
-                             f"the type of {key} ({e})") from None
-        config = holder.value
-    return config
-
-
-def _dotted_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
-    keys = []
-    for name, value in config.items():
-        keys.append(prefix + name)
-        if isinstance(value, ml_collections.ConfigDict):
-            keys += _dotted_keys(value, prefix + name + ".")
-    return keys
 
 
 def stage_configs(config_path: str, workdir: str, profile: str = "default",
@@ -360,14 +308,10 @@ def run_pipeline(config_path: str, workdir: str, profile: str = "default", overr
     return entries
 
 
-def main(argv: list[str]) -> None:
-    del argv
-    from hd.logs import quiet_library_logs
-    quiet_library_logs()
-    parallel.run_processes(lambda: run_pipeline(_CONFIG.value, _WORKDIR.value, _PROFILE.value, tuple(_SET.value),
-                                                _REBUILD.value), _DISTRIBUTED)
-
-
-if __name__ == "__main__":
-    flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+if __name__ == "__main__":  # flags only here: importing this module (tests, hd.ablation) defines none
+    _FLAGS = cli.pipeline_flags(tuple(VARIANTS))
+    _REBUILD = flags.DEFINE_bool("rebuild_stale", False, "Move stages built from an older teacher or sketch to "
+                                 "WORKDIR/superseded/ and train them again, instead of stopping with an error.")
+    cli.start(lambda: run_pipeline(_FLAGS["config"].value, _FLAGS["workdir"].value, _FLAGS["profile"].value,
+                                   tuple(_FLAGS["set"].value), _REBUILD.value), "hd.pipeline",
+              required=["config", "workdir"])

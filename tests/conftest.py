@@ -31,14 +31,9 @@ def load_config(name: str, variant: str, overrides: dict | None = None):
     spec = importlib.util.spec_from_file_location(f"_test_configs_{name}", REPO / "configs" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = module.get_config(variant)
-    for key, value in (overrides or {}).items():
-        *parents, leaf = key.split(".")
-        node = config
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    return config
+    from hd.config import set_values
+
+    return set_values(module.get_config(variant), overrides or {})
 
 
 def subprocess_env(**extra: str) -> dict:

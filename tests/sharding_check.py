@@ -3,8 +3,8 @@
 Builds the step of every training stage for toy2d (MLP; a DiT step takes far longer to compile on 8 CPU
 devices) exactly as hd.train.loop does (stage -> compile_train_step): the teacher (toy2d:tiny), the sketch
 (toy2d:sketch_tiny, around a teacher) and the refine stage (toy2d:refine_tiny, around a teacher and a generator).
-The teacher and generator trees are fresh random parameters handed to hd.train.stages.sketch_stage_from /
-refine_stage_from (what sketch_stage / refine_stage do with checkpointed ones; the sharding does not depend on
+The teacher and generator trees are fresh random parameters handed to hd.train.stages.sketch_stage /
+refine_stage (what build_stage does with checkpointed ones; the sharding does not depend on
 where the values came from). Each stage runs the same few steps on a 1-device mesh and on a data=2 x fsdp=4 mesh,
 and the JSON file named by argv[1] gets, per stage (results["stages"][name]):
 - the largest differences between the two runs (every state field, metrics) and the size of each tree's update,
@@ -45,7 +45,7 @@ from hd.checkpoint import Checkpointer, abstract_like  # noqa: E402
 from hd.config import validate  # noqa: E402
 from hd.models import build_model, init_params  # noqa: E402
 from hd.train.loop import compile_train_step  # noqa: E402
-from hd.train.stages import build_stage, refine_stage_from, sketch_stage_from, student_from_teacher  # noqa: E402
+from hd.train.stages import build_stage, refine_stage, sketch_stage, student_from_teacher  # noqa: E402
 
 NUM_STEPS = 3
 DATA_SHAPE = (2,)
@@ -71,10 +71,10 @@ def make_stage(config):
     model = build_model(config.model, DATA_SHAPE, config.data.num_classes)
     teacher = init_params(model, jax.random.PRNGKey(101), DATA_SHAPE)
     if config.stage == "sketch":
-        return sketch_stage_from(config, DATA_SHAPE, teacher)
+        return sketch_stage(config, DATA_SHAPE, teacher)
     # A generator that is not the teacher, so the DMD gradient is not zero from the first step.
     generator = student_from_teacher(init_params(model, jax.random.PRNGKey(102), DATA_SHAPE))
-    return refine_stage_from(config, DATA_SHAPE, teacher, generator)
+    return refine_stage(config, DATA_SHAPE, teacher, generator)
 
 
 def flat(tree) -> dict[str, np.ndarray]:

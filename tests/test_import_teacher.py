@@ -258,7 +258,7 @@ def latent_dataset(data_dir: Path, n: int = 32) -> str:
 def test_import_command_then_sketch_trains_from_the_imported_teacher(tmp_path, io, apply):
     from hd.checkpoint import latest_step
     from hd.train.loop import train
-    from hd.train.stages import load_teacher, sketch_stage
+    from hd.train.stages import build_stage, load_ema_params
 
     teacher_dir = tmp_path / "teacher"
     overrides = [f"--config.{k}={v}" for k, v in TINY.items() if k != "data.example_shape"]
@@ -291,11 +291,11 @@ def test_import_command_then_sketch_trains_from_the_imported_teacher(tmp_path, i
     # The teacher the sketch stage reads is the fixture's SiT in hd's convention, and at step 0 the student is
     # that teacher at r = t.
     model = build_model(sketch_cfg.model, SHAPE, NUM_CLASSES)
-    teacher = load_teacher(model, SHAPE, str(teacher_dir))
+    teacher = load_ema_params(model, SHAPE, str(teacher_dir))
     z, t, y = jnp.asarray(io["z"]), jnp.asarray(io["t"]), jnp.asarray(io["y"])
     v_teacher = apply(teacher, z, t, y)
     assert relative_error(v_teacher, -io["v_sit"][..., :C]) < RTOL
-    student = sketch_stage(sketch_cfg, SHAPE).init_state(jax.random.PRNGKey(0)).params
+    student = build_stage(sketch_cfg, SHAPE).init_state(jax.random.PRNGKey(0)).params
     u = jax.jit(average_velocity_apply(model))(student, z, t, t, y)
     assert relative_error(u, v_teacher) < 1e-6  # equal up to the summation order of two compiled programs
 

@@ -18,7 +18,7 @@ from hd.data import make_batch_iterator
 from hd.models import build_model
 from hd.objectives.dmd import dmd_generator_loss
 from hd.objectives.flow_matching import flow_matching_loss
-from hd.train.stages import init_params, refine_stage, student_from_teacher
+from hd.train.stages import build_stage, init_params, student_from_teacher
 from hd.train.state import RefineState, TrainState, make_optimizer
 
 T_MIN, T_MAX = 0.02, 0.98
@@ -237,7 +237,7 @@ def refine(tmp_path_factory):
         "refine.real_cfg_scale": 1.5, "refine.gan_head": "awd", "refine.awd_weighting": "attention",
         "num_steps": 6, "log_every": 6, "checkpoint_every": 6})
     validate(config, jax.device_count())
-    stage = refine_stage(config, (2,))
+    stage = build_stage(config, (2,))
     data = make_batch_iterator(config.data, global_batch_size=config.batch_size, seed=config.seed)
     batches = [{k: jnp.asarray(v) for k, v in next(data).items()} for _ in range(9)]
     key = jax.random.PRNGKey(config.seed)  # as the loop starts a fresh run
@@ -272,7 +272,7 @@ def test_refine_generator_from_the_teacher_for_the_no_sketch_baseline(refine):
                                                   "refine.generator_init": "teacher"})
     validate(config, jax.device_count())  # no sketch work directory needed
     key = jax.random.PRNGKey(0)
-    state0 = _quick_compile(refine_stage(config, (2,)).init_state, key)(key)
+    state0 = _quick_compile(build_stage(config, (2,)).init_state, key)(key)
     teacher_ema = refine["teacher_ema"]
     assert _same(state0.params, student_from_teacher(teacher_ema))
     assert not any(np.any(leaf) for leaf in jax.tree.leaves(state0.params["h_embedder"]["mlp_2"]))

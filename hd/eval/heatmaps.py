@@ -1,6 +1,6 @@
 """Where the AWD head looks: its token weights over a fixed batch of generated samples, as heat maps.
 
-The refine stage's discriminator sees samples noised to a level t_d (hd.train.steps.refine_step): tokens of one
+The refine stage's discriminator sees samples noised to a level t_d (hd.objectives.refine.discriminator_noise_level): tokens of one
 block of the feature network (the fake score or the teacher), per-token logits l_i and token weights a_i
 (hd.models.heads). For a fixed batch, a fixed t and fixed noise, this module computes two weightings over the
 token grid, each a softmax over tokens (summing to 1 per image, averaged over the heads):
@@ -25,7 +25,8 @@ import ml_collections
 import numpy as np
 
 from hd import flow, visualize
-from hd.models import build_model, init_params, model_depth
+from hd.config import feature_block as resolved_feature_block
+from hd.models import abstract_params, build_model, init_params
 from hd.models.heads import AWDHead, build_head, logit_weights
 
 HEATMAP_T = 0.5  # noise level of the heat maps: the middle of the discriminator's t_d range [0.02, 0.98]
@@ -88,7 +89,7 @@ def run_heatmap_grid(workdir: str, samples: np.ndarray, labels: np.ndarray, rows
     """The heat-map image (awd_heatmap_grid) of the AWD head of the refine run in `workdir`, on `samples`
     (generated with `labels`), from its newest checkpoint; None when the run is not a refine stage with an
     AWD head (teacher and sketch rows, GAP/conv heads, no GAN)."""
-    from hd.checkpoint import read_items
+    from hd.checkpoint import read_ema_params, read_items
 
     if not os.path.exists(os.path.join(workdir, "config.json")):
         return None
@@ -100,8 +101,8 @@ def run_heatmap_grid(workdir: str, samples: np.ndarray, labels: np.ndarray, rows
     model = build_model(config.model, data_shape, config.data.num_classes)
     head = build_head("awd", width=cfg.head_width, weighting=cfg.awd_weighting, num_heads=cfg.awd_heads,
                       temperature=cfg.awd_temperature)
-    feature_block = model_depth(config.model) // 2 if cfg.feature_block == -1 else cfg.feature_block
-    abstract = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0), data_shape))
+    feature_block = resolved_feature_block(config)
+    abstract = abstract_params(model, data_shape)
 
     def init_head():
         zeros = jnp.zeros((1, *data_shape))
@@ -115,7 +116,7 @@ def run_heatmap_grid(workdir: str, samples: np.ndarray, labels: np.ndarray, rows
     if cfg.feature_net == "fake_score":
         features = critic["fake_score"]
     else:  # LADD-style: the frozen teacher's tokens
-        features = read_items(cfg.teacher_workdir, {"ema_params": abstract})[0]["ema_params"]
+        features = read_ema_params(model, data_shape, cfg.teacher_workdir)[0]
     weights = awd_token_weights(model, head, features, critic["head"], samples, labels, feature_block=feature_block,
                                 t=t, seed=seed)
     return awd_heatmap_grid(samples, weights, rows, upscale=upscale)

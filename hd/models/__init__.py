@@ -22,7 +22,7 @@ def build_model(model_cfg: ml_collections.ConfigDict, data_shape: tuple[int, ...
                    patch_size=model_cfg.patch_size, hidden_size=hidden, depth=depth, num_heads=heads,
                    mlp_ratio=model_cfg.mlp_ratio, learn_sigma=model_cfg.learn_sigma,
                    time_scale=model_cfg.time_scale, dtype=dtype, remat=model_cfg.get("remat", False),
-                   scan_blocks=model_cfg.get("scan_blocks", False))
+                   scan_blocks=model_cfg.get("scan_blocks", False), attention=model_cfg.get("attention", "plain"))
     if model_cfg.name == "mlp":
         return MLP(in_features=data_shape[-1], num_classes=num_classes, width=model_cfg.width,
                    depth=model_cfg.depth, time_scale=model_cfg.time_scale, dtype=dtype)
@@ -35,7 +35,11 @@ def velocity_apply(model: nn.Module) -> Callable:
 
 
 def average_velocity_apply(model: nn.Module) -> Callable:
-    """(params, z, r, t, y) -> average velocity over [r, t]: the backbone conditioned on t and h = t - r."""
+    """(params, z, r, t, y) -> average velocity over [r, t]: the backbone conditioned on t and h = t - r.
+    MeanFlow differentiates this network with jax.jvp, which fused attention kernels lack: it runs plain
+    attention whatever model.attention says (same parameters and values)."""
+    if getattr(model, "attention", "plain") != "plain":
+        model = model.clone(attention="plain")
     return lambda params, z, r, t, y: model.apply({"params": params}, z, t, t - r, y)
 
 
@@ -44,6 +48,11 @@ def init_params(model: nn.Module, key: jax.Array, data_shape: tuple[int, ...]):
     x = jnp.zeros((1, *data_shape), jnp.float32)
     t = jnp.zeros((1,), jnp.float32)
     return model.init(key, x, t, t, jnp.zeros((1,), jnp.int32))["params"]
+
+
+def abstract_params(model: nn.Module, data_shape: tuple[int, ...]):
+    """ShapeDtypeStructs of the parameters of `model` (the configured architecture): nothing is allocated."""
+    return jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0), data_shape))
 
 
 def model_depth(model_cfg: ml_collections.ConfigDict) -> int:

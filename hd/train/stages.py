@@ -1,5 +1,9 @@
 """What the loop needs to know about a stage: how its state starts, its pure step, the frozen trees it reads
-(e.g. the teacher in later stages) and how to draw samples for grids."""
+(e.g. the teacher in later stages) and how to draw samples for grids.
+
+One builder per stage (`teacher_stage`, `sketch_stage`, `refine_stage`) takes the stage's frozen trees as
+arguments; `stage_trees` supplies them from the checkpoints of earlier stages (training), as abstract shapes
+(compile checks) or as random initialisations (benchmarks), and `build_stage` puts the two together."""
 
 from __future__ import annotations
 
@@ -12,10 +16,11 @@ import ml_collections
 from absl import logging
 
 from hd import flow
-from hd.models import average_velocity_apply, build_model, init_params, model_depth, velocity_apply
+from hd.checkpoint import describe_source, read_ema_params
+from hd.config import critic_optimizer, feature_block
+from hd.models import abstract_params, average_velocity_apply, build_model, init_params, velocity_apply
 from hd.models.heads import build_head
 from hd.train import steps
-from hd.checkpoint import describe_source, read_items
 from hd.train.state import RefineState, TrainState, make_optimizer
 
 
@@ -43,7 +48,19 @@ def ode_sampler(model, num_classes: int, num_steps: int, method: str, cfg_scale:
     return sample
 
 
+def mean_flow_sampler(model, num_steps: int) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
+    """(params, noise, labels) -> samples after `num_steps` mean-flow jumps (1 = one network evaluation)."""
+    apply_fn = average_velocity_apply(model)
+
+    def sample(params, noise, labels):
+        average_velocity = lambda z, r, t, y: apply_fn(params, z, r, t, y)
+        return flow.sample_mean_flow(average_velocity, noise, labels, num_steps=num_steps)
+
+    return sample
+
+
 def teacher_stage(config: ml_collections.ConfigDict, data_shape: tuple[int, ...]) -> Stage:
+    """The flow-matching teacher: no frozen trees."""
     model = build_model(config.model, data_shape, config.data.num_classes)
     optimizer = make_optimizer(config.optimizer, frozen_prefixes=("h_embedder",))  # h = 0 in this stage
     sampler = ode_sampler(model, config.data.num_classes, config.sample.num_steps, config.sample.method,
@@ -58,15 +75,67 @@ def teacher_stage(config: ml_collections.ConfigDict, data_shape: tuple[int, ...]
     )
 
 
-def mean_flow_sampler(model, num_steps: int) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
-    """(params, noise, labels) -> samples after `num_steps` mean-flow jumps (1 = one network evaluation)."""
-    apply_fn = average_velocity_apply(model)
+def sketch_stage(config: ml_collections.ConfigDict, data_shape: tuple[int, ...], teacher: Any = None) -> Stage:
+    """MeanFlow distillation of `teacher` (parameters, or ShapeDtypeStructs for compile checks) into a student
+    that starts as the teacher; teacher=None: a student from scratch and no frozen tree (target 'data')."""
+    model = build_model(config.model, data_shape, config.data.num_classes)
+    optimizer = make_optimizer(config.optimizer)
+    sampler = mean_flow_sampler(model, config.sample.num_steps)
 
-    def sample(params, noise, labels):
-        average_velocity = lambda z, r, t, y: apply_fn(params, z, r, t, y)
-        return flow.sample_mean_flow(average_velocity, noise, labels, num_steps=num_steps)
+    def init_state(key):
+        params = init_params(model, key, data_shape) if teacher is None else student_from_teacher(teacher)
+        return TrainState.create(params, optimizer)
 
-    return sample
+    return Stage(
+        name="sketch",
+        init_state=init_state,
+        step=lambda state, batch, frozen: steps.sketch_step(
+            state, batch, frozen, model=model, optimizer=optimizer, config=config),
+        sample=lambda state, frozen, noise, labels: sampler(state.ema_params, noise, labels),
+        frozen=teacher,
+        sample_nfe=config.sample.num_steps,
+    )
+
+
+def refine_stage(config: ml_collections.ConfigDict, data_shape: tuple[int, ...], teacher: Any, generator: Any
+                 ) -> Stage:
+    """DMD with an adversarial head: the generator starts from `generator` (the sketch's EMA, or the teacher for
+    the no-sketch baseline), real and fake score from `teacher`."""
+    cfg = config.refine
+    model = build_model(config.model, data_shape, config.data.num_classes)
+    block = feature_block(config)
+    head = None if cfg.gan_head == "none" else build_head(
+        cfg.gan_head, width=cfg.head_width,
+        **(dict(weighting=cfg.awd_weighting, num_heads=cfg.awd_heads, temperature=cfg.awd_temperature)
+           if cfg.gan_head == "awd" else {}))
+    optimizer = make_optimizer(config.optimizer)
+    critic_opt = make_optimizer(critic_optimizer(config))
+    sampler = mean_flow_sampler(model, config.sample.num_steps)
+
+    def init_state(key):
+        critic = {"fake_score": jax.tree.map(jnp.array, teacher)}
+        if head is not None:
+            x = jnp.zeros((1, *data_shape))
+            t = jnp.zeros((1,))
+            _, tokens = model.apply({"params": teacher}, x, t, t, jnp.zeros((1,), jnp.int32), return_tokens_at=block)
+            critic["head"] = head.init(key, tokens)["params"]
+        return RefineState.create(jax.tree.map(jnp.array, generator), critic, optimizer, critic_opt)
+
+    return Stage(
+        name="refine",
+        init_state=init_state,
+        step=lambda state, batch, frozen: steps.refine_step(
+            state, batch, frozen, model=model, head=head, optimizer=optimizer, critic_optimizer=critic_opt,
+            config=config, feature_block=block),
+        sample=lambda state, frozen, noise, labels: sampler(state.ema_params, noise, labels),
+        frozen=teacher,
+        sample_nfe=config.sample.num_steps,
+    )
+
+
+BUILDERS: dict[str, Callable[..., Stage]] = {"teacher": teacher_stage, "sketch": sketch_stage,
+                                             "refine": refine_stage}
+TREE_SOURCES = ("checkpoints", "abstract", "random")
 
 
 def source_dirs(config: ml_collections.ConfigDict) -> dict[str, tuple[str, str]]:
@@ -96,17 +165,11 @@ def load_ema_params(model, data_shape: tuple[int, ...], workdir: str, *, role: s
     any array is read. Logs the directory, stage and step it read."""
     # The loop has logged an allowed unfinished source already (hand_off_sources); this line says which step.
     source = describe_source(workdir, role, stage, allow_unfinished=allow_unfinished, warn=False)
-    abstract = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0), data_shape))
-    items, step = read_items(workdir, {"ema_params": abstract}, step=source["step"])
+    params, step = read_ema_params(model, data_shape, workdir, step=source["step"])
     unfinished = ", unfinished" if step < source["num_steps"] else ""
     logging.info("hand-off: %s = ema_params of %s (stage %s, step %d of %d%s%s)", role, workdir, source["stage"],
                  step, source["num_steps"], ", imported" if "imported_from" in source else "", unfinished)
-    return items["ema_params"]
-
-
-def load_teacher(model, data_shape: tuple[int, ...], workdir: str, *, allow_unfinished: bool = False) -> Any:
-    """The teacher's EMA parameters from the newest checkpoint of a finished teacher stage's work directory."""
-    return load_ema_params(model, data_shape, workdir, allow_unfinished=allow_unfinished)
+    return params
 
 
 def student_from_teacher(teacher_params: Any) -> Any:
@@ -116,127 +179,71 @@ def student_from_teacher(teacher_params: Any) -> Any:
     return params
 
 
-def sketch_stage(config: ml_collections.ConfigDict, data_shape: tuple[int, ...]) -> Stage:
+def stage_trees(config: ml_collections.ConfigDict, data_shape: tuple[int, ...], source: str = "checkpoints", *,
+                stage: str | None = None) -> dict[str, Any]:
+    """The frozen trees the builder of `stage` (default config.stage) takes, as keyword arguments:
+    - 'checkpoints': the EMA parameters of the earlier stages the config names (load_ema_params: provenance
+      checked and logged); only for config.stage, whose work directories the config names;
+    - 'abstract': ShapeDtypeStructs of the configured architecture (no checkpoint, no array);
+    - 'random': a random teacher (key seed + 1) and the student made from it as generator (benchmarks).
+    A sketch that reads no teacher (target 'data', no teacher_workdir) gets teacher=None from every source."""
+    stage = config.stage if stage is None else stage
+    if source not in TREE_SOURCES:
+        raise ValueError(f"stage_trees: source={source!r} is not one of {TREE_SOURCES}")
+    if source == "checkpoints" and stage != config.stage:
+        raise ValueError(f"stage_trees: checkpoints are read for config.stage={config.stage!r}, not {stage!r}")
+    if stage == "teacher":
+        return {}
+    if stage == "sketch" and not (config.sketch.target == "teacher" or config.sketch.teacher_workdir):
+        return {"teacher": None}  # MeanFlow from data alone
     model = build_model(config.model, data_shape, config.data.num_classes)
-    # MeanFlow from data alone (target 'data') may start from scratch when no teacher is named.
-    teacher_params = None
-    if config.sketch.target == "teacher" or config.sketch.teacher_workdir:
-        teacher_params = load_teacher(model, data_shape, config.sketch.teacher_workdir,
-                                      allow_unfinished=config.allow_unfinished_sources)
-    return sketch_stage_from(config, data_shape, teacher_params)
-
-
-def sketch_stage_from(config: ml_collections.ConfigDict, data_shape: tuple[int, ...], teacher_params: Any) -> Stage:
-    """The sketch stage around given teacher parameters (a checkpoint's, random ones for benchmarks, or
-    ShapeDtypeStructs for compile checks); None = a student from scratch and no frozen tree (target 'data')."""
-    model = build_model(config.model, data_shape, config.data.num_classes)
-    optimizer = make_optimizer(config.optimizer)
-    sampler = mean_flow_sampler(model, config.sample.num_steps)
-
-    def init_state(key):
-        params = init_params(model, key, data_shape) if teacher_params is None else student_from_teacher(teacher_params)
-        return TrainState.create(params, optimizer)
-
-    return Stage(
-        name="sketch",
-        init_state=init_state,
-        step=lambda state, batch, teacher: steps.sketch_step(
-            state, batch, teacher, model=model, optimizer=optimizer, config=config),
-        sample=lambda state, frozen, noise, labels: sampler(state.ema_params, noise, labels),
-        frozen=teacher_params,
-        sample_nfe=config.sample.num_steps,
-    )
-
-
-def refine_stage(config: ml_collections.ConfigDict, data_shape: tuple[int, ...]) -> Stage:
-    """Generator from the sketch's EMA (or the teacher: the no-sketch baseline); real and fake score from the
-    teacher's EMA."""
-    cfg = config.refine
-    model = build_model(config.model, data_shape, config.data.num_classes)
-    teacher_params = load_teacher(model, data_shape, cfg.teacher_workdir,
-                                  allow_unfinished=config.allow_unfinished_sources)
-    if cfg.generator_init == "sketch":
-        generator = load_ema_params(model, data_shape, cfg.sketch_workdir, role="sketch", stage="sketch",
+    if source == "abstract":
+        teacher = abstract_params(model, data_shape)
+    elif source == "random":
+        teacher = jax.jit(lambda key: init_params(model, key, data_shape))(jax.random.PRNGKey(config.seed + 1))
+    else:
+        workdir = config.sketch.teacher_workdir if stage == "sketch" else config.refine.teacher_workdir
+        teacher = load_ema_params(model, data_shape, workdir, allow_unfinished=config.allow_unfinished_sources)
+    if stage == "sketch":
+        return {"teacher": teacher}
+    if source == "abstract":
+        generator = teacher  # the same shapes
+    elif source == "checkpoints" and config.refine.generator_init == "sketch":
+        generator = load_ema_params(model, data_shape, config.refine.sketch_workdir, role="sketch", stage="sketch",
                                     allow_unfinished=config.allow_unfinished_sources)
     else:
-        generator = student_from_teacher(teacher_params)
-    return refine_stage_from(config, data_shape, teacher_params, generator)
+        # Under jit: a copy with buffers of its own (a donating step rejects buffers shared with the teacher).
+        generator = jax.jit(student_from_teacher)(teacher) if source == "random" else student_from_teacher(teacher)
+    return {"teacher": teacher, "generator": generator}
 
 
-def refine_stage_from(config: ml_collections.ConfigDict, data_shape: tuple[int, ...], teacher_params: Any,
-                      generator: Any) -> Stage:
-    """The refine stage around given teacher and generator parameters (checkpoints, or random for benchmarks)."""
-    cfg = config.refine
-    model = build_model(config.model, data_shape, config.data.num_classes)
-    feature_block = model_depth(config.model) // 2 if cfg.feature_block == -1 else cfg.feature_block
-    config = copy_with(config, {"refine.feature_block": feature_block})
-    head = None if cfg.gan_head == "none" else build_head(
-        cfg.gan_head, width=cfg.head_width,
-        **(dict(weighting=cfg.awd_weighting, num_heads=cfg.awd_heads, temperature=cfg.awd_temperature)
-           if cfg.gan_head == "awd" else {}))
-    optimizer = make_optimizer(config.optimizer)
-    critic_optimizer = make_optimizer(copy_with(config.optimizer, {"lr": cfg.critic_lr}))
-    sampler = mean_flow_sampler(model, config.sample.num_steps)
-
-    def init_state(key):
-        critic = {"fake_score": jax.tree.map(jnp.array, teacher_params)}
-        if head is not None:
-            x = jnp.zeros((1, *data_shape))
-            t = jnp.zeros((1,))
-            _, tokens = model.apply({"params": teacher_params}, x, t, t, jnp.zeros((1,), jnp.int32),
-                                    return_tokens_at=feature_block)
-            critic["head"] = head.init(key, tokens)["params"]
-        return RefineState.create(jax.tree.map(jnp.array, generator), critic, optimizer, critic_optimizer)
-
-    return Stage(
-        name="refine",
-        init_state=init_state,
-        step=lambda state, batch, teacher: steps.refine_step(
-            state, batch, teacher, model=model, head=head, optimizer=optimizer, critic_optimizer=critic_optimizer,
-            config=config),
-        sample=lambda state, frozen, noise, labels: sampler(state.ema_params, noise, labels),
-        frozen=teacher_params,
-        sample_nfe=config.sample.num_steps,
-    )
+def build_stage(config: ml_collections.ConfigDict, data_shape: tuple[int, ...], trees: dict[str, Any] | None = None,
+                *, stage: str | None = None) -> Stage:
+    """The builder of `stage` (default config.stage) around `trees` (default: stage_trees from checkpoints)."""
+    stage = config.stage if stage is None else stage
+    if stage not in BUILDERS:
+        raise ValueError(f"config.stage={stage!r} has no trainer yet; available: {sorted(BUILDERS)}")
+    trees = stage_trees(config, data_shape, stage=stage) if trees is None else trees
+    return BUILDERS[stage](config, data_shape, **trees)
 
 
-def copy_with(config: ml_collections.ConfigDict, updates: dict[str, Any]) -> ml_collections.ConfigDict:
-    """An unlocked copy of `config` with dotted keys replaced (derived values the stage fills in)."""
-    out = ml_collections.ConfigDict(config.to_dict())
-    for dotted, value in updates.items():
-        *parents, leaf = dotted.split(".")
-        node = out
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return out
+def initial_state(config: ml_collections.ConfigDict, data_shape: tuple[int, ...], trees: dict[str, Any],
+                  key: jax.Array, *, stage: str | None = None, abstract: bool = False) -> Any:
+    """The fresh state of `stage` built around `trees`, which enter as arguments (not closed over) so that
+    abstract trees can be traced: abstract=True gives ShapeDtypeStructs (jax.eval_shape), else arrays made
+    under jit (TrainState.create alone would share buffers between params and ema_params, which a donating
+    step rejects)."""
+    init = lambda t, k: build_stage(config, data_shape, t, stage=stage).init_state(k)
+    return jax.eval_shape(init, trees, key) if abstract else jax.jit(init)(trees, key)
 
 
 def abstract_stage(config: ml_collections.ConfigDict, data_shape: tuple[int, ...], key: jax.Array | None = None
                    ) -> tuple[Stage, Any]:
-    """(stage, abstract state) without any checkpoint or array: the teacher and generator trees the stage would
-    load are ShapeDtypeStructs of the configured architecture, and the state is traced with `jax.eval_shape`
-    with them as inputs. The stage's `step` and `frozen` are what `build_stage` gives (the step can be lowered
-    and compiled ahead of time, e.g. for a TPU slice); its `init_state` only works under tracing."""
+    """(stage, abstract state) without any checkpoint or array: the stage is built around abstract trees
+    (stage_trees 'abstract'), so its step can be lowered and compiled ahead of time (e.g. for a TPU slice);
+    its `init_state` only works under tracing."""
     key = jax.random.PRNGKey(config.seed) if key is None else key
-    if config.stage == "teacher":
-        stage = teacher_stage(config, data_shape)
-        return stage, jax.eval_shape(stage.init_state, key)
-    model = build_model(config.model, data_shape, config.data.num_classes)
-    params = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0), data_shape))
-    if config.stage == "sketch":
-        teacher = params if (config.sketch.target == "teacher" or config.sketch.teacher_workdir) else None
-        state = jax.eval_shape(lambda t, k: sketch_stage_from(config, data_shape, t).init_state(k), teacher, key)
-        return sketch_stage_from(config, data_shape, teacher), state
-    if config.stage == "refine":
-        state = jax.eval_shape(lambda t, g, k: refine_stage_from(config, data_shape, t, g).init_state(k),
-                               params, params, key)
-        return refine_stage_from(config, data_shape, params, params), state
-    raise ValueError(f"config.stage={config.stage!r} has no trainer; available: teacher, sketch, refine")
-
-
-def build_stage(config: ml_collections.ConfigDict, data_shape: tuple[int, ...]) -> Stage:
-    builders = {"teacher": teacher_stage, "sketch": sketch_stage, "refine": refine_stage}
-    if config.stage not in builders:
-        raise ValueError(f"config.stage={config.stage!r} has no trainer yet; available: {sorted(builders)}")
-    return builders[config.stage](config, data_shape)
+    if config.stage not in BUILDERS:
+        raise ValueError(f"config.stage={config.stage!r} has no trainer; available: teacher, sketch, refine")
+    trees = stage_trees(config, data_shape, "abstract")
+    return build_stage(config, data_shape, trees), initial_state(config, data_shape, trees, key, abstract=True)

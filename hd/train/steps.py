@@ -93,15 +93,16 @@ def one_step_generate(model, params: Any, noise: jax.Array, y: jax.Array) -> jax
 
 
 def refine_step(state: RefineState, batch: dict[str, jax.Array], teacher_params: Any, *, model, head,
-                optimizer, critic_optimizer, config) -> tuple[RefineState, dict[str, jax.Array]]:
+                optimizer, critic_optimizer, config, feature_block: int) -> tuple[RefineState, dict[str, jax.Array]]:
     """Every step updates the critic (fake score + head); every k-th step first updates the generator.
-    Each update differentiates exactly one tree: the generator's, or the critic's."""
+    Each update differentiates exactly one tree: the generator's, or the critic's. `feature_block` is the resolved
+    block the head reads (hd.config.feature_block)."""
     cfg = config.refine
     k_gen, k_critic = jax.random.split(step_key(config.seed, state.step))
     velocity = velocity_apply(model)
     generator = functools.partial(one_step_generate, model)
     discriminate = None if cfg.gan_head == "none" else discriminator_apply(
-        model, head, teacher_params, feature_net=cfg.feature_net, feature_block=cfg.feature_block)
+        model, head, teacher_params, feature_net=cfg.feature_net, feature_block=feature_block)
     # The generator's update reads both scores and the critic as they stand, as constants.
     real_velocity = flow.guided_velocity(lambda z, t, c: velocity(teacher_params, z, t, c), config.data.num_classes,
                                          cfg.real_cfg_scale)
