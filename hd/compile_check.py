@@ -18,6 +18,10 @@ images, split over every chip, parameters replicated; the same per-chip memory, 
     python -m hd.compile_check --target=vae_decode --topology=v5e:4x4 [--vae_batch_per_chip=64]
         [--vae_resolution=256] [--vae_dtype=float32|bfloat16] [--vae_config=config.json] [--json=FILE|-]
 
+The evaluation step (`--target=eval`, same flags): that decode, then uint8 and the FID InceptionV3 on the decoded
+images (hd.eval.evaluator.evaluation_step, what the FID-50K evaluation runs per batch), Inception's variables
+replicated too.
+
 Exit status: 0 fits, 1 does not fit, 2 the check could not run (bad topology, a mesh that does not cover the
 slice, libtpu missing, an invalid config).
 """
@@ -272,8 +276,9 @@ def read_vae_config(spec: str) -> tuple[dict, str]:
 
 
 def compile_vae_decode(vae_config: dict, topology: str, *, batch_per_chip: int = 64, resolution: int = 256,
-                       dtype: str = "float32") -> dict:
-    """Lower and compile the VAE decode of batch_per_chip x chips latents, split over the slice's chips."""
+                       dtype: str = "float32", inception: bool = False) -> dict:
+    """Lower and compile the VAE decode of batch_per_chip x chips latents, split over the slice's chips; with
+    inception=True the evaluation step (decode, uint8, FID Inception: hd.eval.evaluator.evaluation_step)."""
     from hd import parallel
     from hd.models import vae as vae_lib
 
@@ -295,23 +300,35 @@ def compile_vae_decode(vae_config: dict, topology: str, *, batch_per_chip: int =
     mesh = parallel.make_mesh(chips, 1, devices)
     batch, replicated = parallel.batch_sharding(mesh), parallel.replicated(mesh)
     params = vae_lib.abstract_params(module)
-    decode = jax.jit(lambda p, z: module.apply({"params": p}, z, method="decode"),
-                     in_shardings=(replicated, batch), out_shardings=batch)
+    decode = lambda p, z: module.apply({"params": p}, z, method="decode")
     latents = jax.ShapeDtypeStruct((batch_size, side, side, module.latent_channels), jnp.float32)
-    lowered = decode.lower(params, latents)
+    if inception:
+        from hd.eval.evaluator import evaluation_step
+        from hd.eval.inception import abstract_inception_variables
+
+        step = evaluation_step(decode, float(vae_lib.check_config(vae_config)["scaling_factor"]))
+        inception_variables = abstract_inception_variables()
+        lowered = jax.jit(step, in_shardings=(replicated, replicated, batch), out_shardings=batch).lower(
+            params, inception_variables, latents)
+    else:
+        lowered = jax.jit(decode, in_shardings=(replicated, batch), out_shardings=batch).lower(params, latents)
     lower_s = time.perf_counter() - t0
 
     hbm = TPU_CHIPS[generation]["hbm_gib"] * GIB
     # The decode reads the decoder and post_quant_conv only; jit drops the encoder's parameters from its inputs.
     decoder = {k: v for k, v in params.items() if k in ("decoder", "post_quant_conv")}
     decoder_tree = _tree_bytes(decoder, jax.tree.map(lambda _: replicated, decoder))
+    trees = {"decoder_params": decoder_tree}
+    if inception:
+        trees["inception_variables"] = _tree_bytes(inception_variables,
+                                                   jax.tree.map(lambda _: replicated, inception_variables))
     result = dict(
-        target="vae_decode", topology=topology.strip(), generation=generation, chips=chips,
+        target="eval" if inception else "vae_decode", topology=topology.strip(), generation=generation, chips=chips,
         device_kind=devices[0].device_kind, mesh=dict(mesh.shape), dtype=dtype, batch_size=batch_size,
         batch_per_chip=batch_per_chip, image_shape=[resolution, resolution, module.out_channels],
         latent_shape=[side, side, module.latent_channels],
         num_params=sum(math.prod(x.shape) for x in jax.tree.leaves(params)), hbm_bytes=hbm,
-        trees={"decoder_params": decoder_tree}, lower_seconds=round(lower_s, 1))
+        trees=trees, lower_seconds=round(lower_s, 1))
     flops = _compile_into(lowered, result)
     if flops is not None:
         result.update(flops_per_chip=flops, flops_per_image=flops / batch_per_chip)
@@ -321,15 +338,16 @@ def compile_vae_decode(vae_config: dict, topology: str, *, batch_per_chip: int =
 def format_vae_result(result: dict, label: str = "") -> str:
     h, w, _ = result["image_shape"]
     lines = [
-        f"target       VAE decode ({label or 'SD_VAE_CONFIG'}, {result['num_params'] / 1e6:.2f} M parameters, "
+        f"target       {'VAE decode' if result['target'] == 'vae_decode' else 'eval step: VAE decode + FID Inception'}"
+        f" ({label or 'SD_VAE_CONFIG'}, {result['num_params'] / 1e6:.2f} M parameters, "
         f"{result['dtype']}): latents {tuple(result['latent_shape'])} -> images {h}x{w}",
         f"slice        {result['topology']}: {result['chips']} chips ({result['device_kind']}), batch "
         f"{result['batch_size']} ({result['batch_per_chip']} per chip) split over "
         + " x ".join(f"{k}={v}" for k, v in result["mesh"].items()),
     ]
-    t = result["trees"]["decoder_params"]
-    lines.append(f"  decoder_params  {_gib(t['bytes']):>12} in all, {_gib(t['bytes_per_device']):>10} per chip "
-                 f"({_gib(t['replicated_bytes'])} of it replicated)")
+    for name, t in result["trees"].items():
+        lines.append(f"  {name:<16}{_gib(t['bytes']):>12} in all, {_gib(t['bytes_per_device']):>10} per chip "
+                     f"({_gib(t['replicated_bytes'])} of it replicated)")
     m = result.get("memory", {})
     if m:
         lines.append(f"per chip     arguments {_gib(m['argument_bytes'])}, outputs {_gib(m['output_bytes'])}, "
@@ -389,7 +407,7 @@ def compile_only() -> None:
 
 
 def main() -> None:
-    if _TARGET.value == "vae_decode":
+    if _TARGET.value in ("vae_decode", "eval"):
         _vae_main()
     config = _CONFIG.value
     if config is None:
@@ -420,7 +438,8 @@ def _vae_main() -> None:
     try:
         vae_config, label = read_vae_config(_VAE_CONFIG.value)
         result = compile_vae_decode(vae_config, _TOPOLOGY.value, batch_per_chip=_VAE_BATCH.value,
-                                    resolution=_VAE_RESOLUTION.value, dtype=_VAE_DTYPE.value)
+                                    resolution=_VAE_RESOLUTION.value, dtype=_VAE_DTYPE.value,
+                                    inception=_TARGET.value == "eval")
     except CheckError as e:
         print(f"hd.compile_check: {e}", file=sys.stderr)
         sys.exit(2)
@@ -438,8 +457,9 @@ def _vae_main() -> None:
 if __name__ == "__main__":  # flags only here: importing this module (tests, notebooks) defines none
     _CONFIG = cli.config_variant_flag("Config file and variant, e.g. configs/imagenet256.py:sketch "
                                       "(--target=train_step).")
-    _TARGET = flags.DEFINE_enum("target", "train_step", ["train_step", "vae_decode"],
-                                "What to compile: the config's train step, or the VAE decode (--vae_* flags).")
+    _TARGET = flags.DEFINE_enum("target", "train_step", ["train_step", "vae_decode", "eval"],
+                                "What to compile: the config's train step, the VAE decode or the evaluation step "
+                                "(decode + FID Inception; --vae_* flags).")
     _VAE_CONFIG = flags.DEFINE_string("vae_config", "", "--target=vae_decode: a diffusers AutoencoderKL config.json "
                                       "(or its folder); default the SD-VAE's (sd-vae-ft-ema).")
     _VAE_BATCH = flags.DEFINE_integer("vae_batch_per_chip", 64, "--target=vae_decode: latents per chip (global batch "

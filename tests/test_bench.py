@@ -33,7 +33,7 @@ def test_ratios_and_goals():
     r = bench.ratios(results)["sketch/teacher"]
     assert (r["time"], r["peak_memory"], r["flops"]) == (3.0, 1.5, 2.5)
     assert r["time_goal_met"] is False and r["peak_memory_goal_met"] is True
-    assert bench.mfu_goal("teacher") == 0.5 and bench.mfu_goal("refine_k5") == 0.4
+    assert bench.mfu_goal("teacher") == 0.35 and bench.mfu_goal("refine_k5") == 0.4
     assert bench.steps_in("refine_k5", config) == config.refine.generator_every
     assert bench.steps_in("sketch", config) == 1
 
@@ -53,3 +53,34 @@ def test_refine_cycle_counts_the_generator_update_once():
     assert bench.cost_with_cond_branch(step, args, True)["flops"] >= 3 * matmul
     assert bench.cost_with_cond_branch(step, args, False)["flops"] < 1.5 * matmul
     assert jax.lax.cond is not None and jax.lax.cond.__name__ == "cond"  # restored
+
+
+def test_flops_of_a_scanned_rematerialised_dit_are_the_unrolled_model_flops():
+    """XLA counts a scan's body once and counts recomputation: the benchmark counts 1 and 2 unrolled blocks and
+    extends to the depth. It must agree with the unrolled program's own count, the refine head's block included."""
+    config = load_config("fashion_mnist", "refine_tiny", {"model.size": "mini", "model.patch_size": 7,
+                                                           "refine.feature_block": 2, "batch_size": 4})
+    shape = (28, 28, 1)
+    direct = bench.model_flops(config, shape, bench.train_steps(config, shape, abstract=True,
+                                                                stages=("refine",)))
+    scanned = load_config("fashion_mnist", "refine_tiny", {"model.size": "mini", "model.patch_size": 7,
+                                                            "refine.feature_block": 2, "batch_size": 4,
+                                                            "model.scan_blocks": True, "model.remat": True})
+    entries = bench.train_steps(scanned, shape, abstract=True, stages=("refine",))
+    assert set(entries) == {"teacher", "refine_k2"}
+    xla_count = bench.lowered_cost(*entries["teacher"])["flops"]
+    extended = bench.model_flops(scanned, shape, entries)
+    assert xla_count < 0.6 * direct["teacher"]["flops"]  # the scan's 4 blocks counted as 1 (and remat)
+    for name in direct:
+        np.testing.assert_allclose(extended[name]["flops"], direct[name]["flops"], rtol=1e-4)
+        np.testing.assert_allclose(extended[name]["bytes_accessed"], direct[name]["bytes_accessed"], rtol=1e-3)
+    from hd.models.dit import DIT_SIZES
+
+    assert not [name for name in DIT_SIZES if "@" in name]  # the temporary sizes are gone
+
+
+def test_bench_shapes_and_peak_dtype():
+    config = load_config("fashion_mnist", "tiny", {"data.example_shape": (32, 32, 4)})
+    assert bench.data_shape(config) == (32, 32, 4)
+    assert bench.data_shape(load_config("fashion_mnist", "tiny")) == (28, 28, 1)
+    assert bench.matmul_rate(64, "bfloat16", repeats=2) > 0

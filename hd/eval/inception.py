@@ -244,6 +244,12 @@ def init_inception_params(seed: int = 0) -> Variables:
     return traverse_util.unflatten_dict({k: v.astype(np.float32) for k, v in flat.items()}, sep="/")
 
 
+def abstract_inception_variables() -> Variables:
+    """The variables' shapes as float32 ShapeDtypeStructs: lowering without weights (hd.compile_check)."""
+    return traverse_util.unflatten_dict(
+        {k: jax.ShapeDtypeStruct(shape, jnp.float32) for k, shape in _expected_shapes().items()}, sep="/")
+
+
 @functools.cache
 def _expected_shapes() -> dict[str, tuple[int, ...]]:
     abstract = jax.eval_shape(InceptionV3().init, jax.random.key(0), jnp.zeros((1, MIN_SIZE, MIN_SIZE, 3)))

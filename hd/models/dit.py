@@ -70,10 +70,22 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
 
+ATTENTION_KINDS = ("plain", "fused")
+
+
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """`jax.nn.dot_product_attention` over [B, N, H, D]: cuDNN's fused kernel on GPUs for bfloat16/float16
+    (the only dtypes it takes), XLA's own implementation elsewhere. The cuDNN kernel has a custom VJP and no
+    forward-mode rule, so no `jax.jvp` may pass through it (see DiT.attention)."""
+    on_gpu = jax.default_backend() in ("gpu", "cuda") and q.dtype in (jnp.bfloat16, jnp.float16)
+    return jax.nn.dot_product_attention(q, k, v, implementation="cudnn" if on_gpu else "xla")
+
+
 class Attention(nn.Module):
     hidden_size: int
     num_heads: int
     dtype: jnp.dtype = jnp.float32
+    kind: str = "plain"  # plain | fused (see DiT.attention)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -81,7 +93,8 @@ class Attention(nn.Module):
         dense = lambda f, name: nn.Dense(f, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
                                          name=name)
         qkv = dense(3 * d, "qkv")(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
-        out = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]).reshape(b, n, d)
+        attend = fused_attention if self.kind == "fused" else attention
+        out = attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]).reshape(b, n, d)
         return dense(d, "proj")(out)
 
 
@@ -94,6 +107,7 @@ class DiTBlock(nn.Module):
     num_heads: int
     mlp_ratio: float = 4.0
     dtype: jnp.dtype = jnp.float32
+    attention: str = "plain"
 
     @nn.compact
     def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
@@ -102,7 +116,7 @@ class DiTBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod(nn.silu(c)), 6, axis=-1)
         norm = lambda name: nn.LayerNorm(epsilon=1e-6, use_scale=False, use_bias=False, dtype=self.dtype,
                                          name=name)
-        x = x + gate_msa[:, None] * Attention(d, self.num_heads, self.dtype, name="attn")(
+        x = x + gate_msa[:, None] * Attention(d, self.num_heads, self.dtype, self.attention, name="attn")(
             modulate(norm("norm1")(x), shift_msa, scale_msa))
         h = modulate(norm("norm2")(x), shift_mlp, scale_mlp)
         h = nn.Dense(int(d * self.mlp_ratio), dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
@@ -154,6 +168,11 @@ class DiT(nn.Module):
     # (an unrolled XL/2 step took the TPU compiler over 16 GB of host memory). Without `remat`, a scan keeps
     # every block's intermediates for the backward pass: use the two together.
     scan_blocks: bool = False
+    # "plain": softmax attention written out (forward- and reverse-mode differentiable). "fused":
+    # jax.nn.dot_product_attention (cuDNN on GPUs in bfloat16): same parameters and values, but cuDNN's kernel
+    # has no jvp rule, so the average-velocity network that MeanFlow differentiates with jax.jvp always runs
+    # plain attention (hd.models.average_velocity_apply); teacher steps and refine's real and fake scores fuse.
+    attention: str = "plain"
 
     @nn.compact
     def __call__(self, x: jax.Array, t: jax.Array, h: jax.Array, y: jax.Array,
@@ -163,6 +182,8 @@ class DiT(nn.Module):
         if self.input_size % self.patch_size:
             raise ValueError(f"patch_size={self.patch_size} does not tile {self.input_size}x{self.input_size} "
                              "inputs (config.model.patch_size must divide the image size)")
+        if self.attention not in ATTENTION_KINDS:
+            raise ValueError(f"attention={self.attention!r} is not one of {ATTENTION_KINDS} (config.model.attention)")
         if return_tokens_at is not None and not 0 <= return_tokens_at < self.depth:
             raise ValueError(f"return_tokens_at={return_tokens_at} outside the {self.depth} blocks")
         p, d = self.patch_size, self.hidden_size
@@ -183,7 +204,8 @@ class DiT(nn.Module):
         else:
             block = nn.remat(DiTBlock) if self.remat else DiTBlock
             for i in range(self.depth):
-                tokens = block(d, self.num_heads, self.mlp_ratio, self.dtype, name=f"blocks_{i}")(tokens, c)
+                tokens = block(d, self.num_heads, self.mlp_ratio, self.dtype, self.attention,
+                               name=f"blocks_{i}")(tokens, c)
                 if i == return_tokens_at:
                     picked = tokens
         out_channels = self.in_channels * (2 if self.learn_sigma else 1)
@@ -198,7 +220,7 @@ class DiT(nn.Module):
         """The blocks as scans over their parameters stacked on a new leading axis (two scans when the tokens
         of a middle block are wanted)."""
         params = self.variables["params"]
-        block = DiTBlock(self.hidden_size, self.num_heads, self.mlp_ratio, self.dtype, parent=None)
+        block = DiTBlock(self.hidden_size, self.num_heads, self.mlp_ratio, self.dtype, self.attention, parent=None)
 
         def body(x, block_params):
             return block.apply({"params": block_params}, x, c), None

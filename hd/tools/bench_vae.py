@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from hd.bench import _first
+from hd.bench import _first, lowered_cost
 from hd.models import vae as vae_lib
 
 
@@ -35,10 +35,7 @@ def measure(fn: Callable, args: tuple, *, batch: int, runs: int, warmup: int) ->
     t0 = time.perf_counter()
     compiled = jax.jit(fn).lower(*args).compile()
     compile_s = time.perf_counter() - t0
-    # Lowering only (no compile): the same HLO FLOP count on every backend.
-    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-    on_cpu = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu), args)
-    flops = float(_first(jax.jit(fn).lower(*on_cpu).cost_analysis()).get("flops", float("nan")))
+    flops = lowered_cost(fn, args)["flops"]  # lowered for the CPU: the same HLO count on every backend
     compiled_flops = float(_first(compiled.cost_analysis()).get("flops", float("nan")))
     times = []
     for i in range(warmup + runs):
