@@ -38,6 +38,17 @@ def test_pipeline_runs_every_stage_then_skips_everything(tmp_path, monkeypatch):
     configs = pipeline.stage_configs(CONFIG, str(tmp_path), "tiny")
     for stage in ("teacher", "sketch", "refine"):
         assert latest_step(str(tmp_path / stage)) == configs[stage].num_steps
+    # Cost columns: a guided sampler call is two forward passes, and XLA's FLOP count says the same (teacher and
+    # students are one network).
+    guided = configs["eval"].eval.cfg_scale != 1.0
+    by_row = {(e["model"], e["sampler"], e["steps"]): e for e in stored}
+    for e in stored:
+        assert e["forward_passes"] == e["nfe"] * (2 if guided and e["sampler"] != "mean_flow" else 1)
+        assert e["gflop_per_image"] > 0
+    ratio = by_row[("teacher", "euler", 4)]["gflop_per_image"] / by_row[("refine", "mean_flow", 1)]["gflop_per_image"]
+    assert abs(ratio / by_row[("teacher", "euler", 4)]["forward_passes"] - 1) < 0.05, ratio
+    # AWD heat maps are drawn over images only (tests/test_heatmaps.py): none for 2-D points.
+    assert all("awd_heatmap" not in e for e in stored)
 
     # The ablation on the same work directory trains only its three extra refine rows (the full-HD row is the
     # pipeline's refine stage) and scores every row with the same evaluation.

@@ -28,11 +28,12 @@ import numpy as np
 from absl import logging
 
 from hd import flow, parallel, visualize
-from hd.checkpoint import read_items
+from hd.checkpoint import read_ema_params
+from hd.eval import heatmaps
 from hd.eval.classifier import classify, reference_data, train_classifier
 from hd.eval.frechet import feature_statistics, frechet_distance, frechet_distance_to_features
 from hd.eval.precision_recall import precision_recall
-from hd.models import average_velocity_apply, build_model, init_params, velocity_apply
+from hd.models import abstract_params, average_velocity_apply, build_model, velocity_apply
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +48,13 @@ class Row:
 
     @property
     def nfe(self) -> int:
+        """Sampler calls of the network per image (a guided call runs both CFG branches as one batched call)."""
         return self.steps if self.sampler == "mean_flow" else flow.ode_nfe(self.steps, self.sampler)
+
+    def forward_passes(self, default_cfg_scale: float) -> int:
+        """Network forward passes per image: a guided call (scale != 1) is two, conditional and unconditional."""
+        scale = default_cfg_scale if self.cfg_scale is None else self.cfg_scale
+        return self.nfe * (2 if self.sampler != "mean_flow" and scale != 1.0 else 1)
 
     @property
     def label(self) -> str:
@@ -162,9 +169,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, rows: list[Row] | 
     reference = reference_data(config.data, ev.num_samples)
     data_shape = tuple(reference["x"].shape[1:])
     model = build_model(config.model, data_shape, config.data.num_classes)
-    abstract = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0), data_shape))
+    abstract = abstract_params(model, data_shape)
     # Read every checkpoint first: a missing or mismatched one fails before any sampling.
-    params = {wd: read_items(wd, {"ema_params": abstract})[0]["ema_params"] for wd in {r.workdir for r in rows}}
+    params = {wd: read_ema_params(model, data_shape, wd)[0] for wd in {r.workdir for r in rows}}
 
     scorer = SampleScorer(config, feature_workdir or workdir, reference)
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
@@ -198,16 +205,27 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, rows: list[Row] | 
         samples = np.concatenate(outputs)
         done_nfe, sampling_seconds = done_nfe + row.nfe, sampling_seconds + seconds
 
-        entry = dict(model=row.name, sampler=row.sampler, steps=row.steps, nfe=row.nfe, **scorer.score(samples),
+        gflop = _model_flops_per_evaluation(config, row, data_shape, abstract, ev.cfg_scale) * row.nfe / 1e9
+        entry = dict(model=row.name, sampler=row.sampler, steps=row.steps, nfe=row.nfe,
+                     forward_passes=row.forward_passes(ev.cfg_scale), gflop_per_image=gflop, **scorer.score(samples),
                      n_samples=n, seconds_per_image=seconds / n, feature_net=scorer.features.kind,
                      feature_net_test_accuracy=scorer.features.accuracy, workdir=os.path.abspath(row.workdir))
+        # Images at 3x (nearest): 28-pixel samples are hard to judge at their own size.
         grid = visualize.points_image(samples) if len(data_shape) == 1 else visualize.image_grid(
-            samples[grid_index], config.data.num_classes)
+            samples[grid_index], config.data.num_classes, upscale=3)
         cfg = "" if row.cfg_scale is None else f"_cfg{row.cfg_scale:g}"
         grid_path = os.path.join(workdir, "grids", f"{row.name}_{row.sampler}_{row.steps}{cfg}.png")
+        # Where an AWD head looks on these samples (refine rows with an AWD head; None otherwise). Every process
+        # calls it: reading the critic is collective.
+        heat = None if len(data_shape) == 1 else heatmaps.run_heatmap_grid(
+            row.workdir, samples[grid_index], labels[grid_index], config.data.num_classes)
         if jax.process_index() == 0:
             visualize.save_png(grid, grid_path)
+            if heat is not None:
+                visualize.save_png(heat, grid_path[:-4] + "_awd.png")
         entry["grid"] = grid_path
+        if heat is not None:
+            entry["awd_heatmap"] = grid_path[:-4] + "_awd.png"
         logging.info("%s: fd %.3f precision %.3f recall %.3f class-consistency %s (%.2f ms/image)", row.label,
                      entry["fd"], entry.get("precision", float("nan")), entry.get("recall", float("nan")),
                      entry["class_consistency"], 1e3 * entry["seconds_per_image"])
@@ -223,11 +241,15 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, rows: list[Row] | 
 def results_table(entries: list[dict]) -> str:
     if entries and "inception_score" in entries[0]:
         return inception_results_table(entries)
-    header = "| model | sampler | steps | NFE | FD | precision | recall | class-consistency | ms/image |"
-    lines = [header, "|" + "---|" * 9]
+    # NFE counts sampler calls; a guided call runs both CFG branches in one batched call, so it is two forward
+    # passes: the "passes" column counts those, and GFLOP/image is XLA's count of them.
+    header = ("| model | sampler | steps | NFE (calls) | forward passes | GFLOP/image | FD | precision | recall | "
+              "class-consistency | ms/image |")
+    lines = [header, "|" + "---|" * 11]
     fmt = lambda v, spec: "–" if v is None else format(v, spec)
     for e in entries:
-        lines.append(f"| {e['model']} | {e['sampler']} | {e['steps']} | {e['nfe']} | {e['fd']:.3f} | "
+        lines.append(f"| {e['model']} | {e['sampler']} | {e['steps']} | {e['nfe']} | {fmt(e.get('forward_passes'), 'd')} | "
+                     f"{fmt(e.get('gflop_per_image'), '.3f')} | {e['fd']:.3f} | "
                      f"{fmt(e.get('precision'), '.3f')} | {fmt(e.get('recall'), '.3f')} | "
                      f"{fmt(e['class_consistency'], '.3f')} | {1e3 * e['seconds_per_image']:.3f} |")
     return "\n".join(lines)
@@ -549,7 +571,7 @@ def _reference(config: ml_collections.ConfigDict, pipeline: _InceptionPipeline, 
 
 
 def _model_flops_per_evaluation(config: ml_collections.ConfigDict, row: Row, data_shape: tuple[int, ...],
-                                abstract_params: Any, cfg_scale: float) -> float:
+                                abstract: Any, cfg_scale: float) -> float:
     """FLOPs per image of one network evaluation of the row's sampler (both CFG branches when guided), from XLA's
     cost analysis of the lowered call with the DiT blocks unrolled: XLA counts a loop body (the scanned blocks,
     the sampler's fori_loop) once, so the sampler's total is this × NFE."""
@@ -568,7 +590,7 @@ def _model_flops_per_evaluation(config: ml_collections.ConfigDict, row: Row, dat
         scale = cfg_scale if row.cfg_scale is None else row.cfg_scale
         fn = lambda p, z, t, y: flow.guided_velocity(lambda z, t, y: apply(p, z, t, y), config.data.num_classes,
                                                      scale)(z, t, y)
-    return _lowered_flops(jax.jit(fn).lower(abstract_params, z, t, y)) / bs
+    return _lowered_flops(jax.jit(fn).lower(abstract, z, t, y)) / bs
 
 
 def evaluate_inception(config: ml_collections.ConfigDict, workdir: str, rows: list[Row] | None = None) -> list[dict]:
@@ -587,9 +609,9 @@ def evaluate_inception(config: ml_collections.ConfigDict, workdir: str, rows: li
 
         data_shape = tuple(config.data.example_shape) or tuple(load_source(config.data).example_shape)
     model = build_model(config.model, data_shape, config.data.num_classes)
-    abstract = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0), data_shape))
+    abstract = abstract_params(model, data_shape)
     # Read every checkpoint first: a missing or mismatched one fails before any compilation.
-    checkpoints = {wd: read_items(wd, {"ema_params": abstract}) for wd in {r.workdir for r in rows}}
+    checkpoints = {wd: read_ema_params(model, data_shape, wd) for wd in {r.workdir for r in rows}}
     weights = {"inception": file_sha256(ev.inception_weights),
                "vae": file_sha256(os.path.join(ev.vae_dir, "diffusion_pytorch_model.safetensors")) if ev.vae_dir
                else None}
@@ -619,7 +641,7 @@ def evaluate_inception(config: ml_collections.ConfigDict, workdir: str, rows: li
 
     entries = []
     for index, row in enumerate(rows):
-        items, step = checkpoints[row.workdir]
+        ema_params, step = checkpoints[row.workdir]
         cfg_scale = ev.cfg_scale if row.cfg_scale is None else row.cfg_scale
         base = _sampler(model, row, num_classes, ev.cfg_scale)
 
@@ -630,7 +652,7 @@ def evaluate_inception(config: ml_collections.ConfigDict, workdir: str, rows: li
             return base(params, noise, (idx % num_classes).astype(jnp.int32))
 
         start_struct = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
-        params = jax.device_put(items["ema_params"], replicated)
+        params = jax.device_put(ema_params, replicated)
         chunk_dir, fields = chunk_dirs[row]
         paths = [os.path.join(chunk_dir, f"{_CHUNK_PREFIX}{c:05d}.npz") for c in range(plan.num_chunks)]
         done = _agree(np.array([os.path.exists(p) for p in paths]))
