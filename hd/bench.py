@@ -24,12 +24,13 @@ No checkpoint or dataset is read: parameters are random initialisations (the tea
 and the batch is random data of the dataset's shape (config.data.example_shape where set, e.g. 32x32x4 latents
 for configs/imagenet256.py). With --data=false --sampling=false nothing outside jax, flax, optax, orbax, absl and
 ml_collections is imported (no TensorFlow, TFDS or grain): the form for a bare accelerator machine.
-`train_steps` builds every stage as training does (hd.train.stages); an entry is name -> (step_fn, args), with
-step_fn(state, *rest) -> (state, metrics) and args = (state, *rest).
+`train_steps` builds every stage as training does (hd.train.stages); an entry is name -> Entry(step, args) (it
+unpacks as (step, args)), with step(state, *rest) -> (state, metrics) and args = (state, *rest).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import sys
@@ -37,6 +38,7 @@ import time
 from typing import Any, Callable
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -53,7 +55,18 @@ DATA_GOAL = 10.0
 # Example shapes of the datasets whose shape is known without reading them.
 DATA_SHAPES = {"fashion_mnist": (28, 28, 1), "toy2d": (2,)}
 
-Entry = tuple[Callable[..., tuple[Any, dict]], tuple]
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One timed program: `step(*args)`. A refine cycle also names the single train step it repeats
+    `cycle_length` times, whose generator update (a lax.cond) the FLOP count takes on one step of the cycle."""
+    step: Callable[..., tuple[Any, dict]]
+    args: tuple
+    single_step: Callable[..., tuple[Any, dict]] | None = None
+    cycle_length: int = 1
+
+    def __iter__(self):  # `fn, args = entry`, as for a plain pair
+        return iter((self.step, self.args))
 
 
 def data_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
@@ -93,7 +106,7 @@ def train_steps(config: ml_collections.ConfigDict, shape: tuple[int, ...], *, ab
         # The frozen trees (the teacher) are inputs of the compiled step, as in training, not constants in it.
         step = lambda state, batch, frozen, stage=stage: stage.step(state, batch, frozen)
         if name != "refine":
-            entries[name] = (step, (state, batch, stage.frozen))
+            entries[name] = Entry(step, (state, batch, stage.frozen))
             continue
         # One refine cycle: k = refine.generator_every steps, one generator update and k critic updates.
         k = config.refine.generator_every
@@ -106,8 +119,7 @@ def train_steps(config: ml_collections.ConfigDict, shape: tuple[int, ...], *, ab
 
         # XLA's cost analysis counts the costlier branch of the step's lax.cond (the generator update) on every
         # step; model_flops() recounts the cycle as one step that takes it and k - 1 that do not.
-        refine_cycle.single_step, refine_cycle.cycle_length = step, k
-        entries[f"refine_k{k}"] = (refine_cycle, (state, batch, stage.frozen))
+        entries[f"refine_k{k}"] = Entry(refine_cycle, (state, batch, stage.frozen), single_step=step, cycle_length=k)
     return entries
 
 
@@ -151,18 +163,26 @@ def lowered_cost(step_fn: Callable, args: tuple) -> dict[str, float]:
 
 
 def cost_with_cond_branch(step_fn: Callable, args: tuple, take_true_branch: bool) -> dict[str, float]:
-    """FLOPs and bytes of one step with every jax.lax.cond replaced by one of its branches (traced with the
-    module attribute swapped, then lowered)."""
-    original = jax.lax.cond
+    """FLOPs and bytes of one step with every lax.cond at its top level (not inside a jit, scan or loop of its own)
+    replaced by one of its branches: the traced program (jaxpr) is rewritten and lowered; jax itself is untouched."""
+    closed, out_shapes = jax.make_jaxpr(step_fn, return_shape=True)(*args)
+    out_tree = jax.tree.structure(out_shapes)
 
-    def one_branch(pred, true_fn, false_fn, *operands):
-        return (true_fn if take_true_branch else false_fn)(*operands)
+    def one_branch(*flat_args):
+        env = dict(zip(closed.jaxpr.constvars, closed.consts)) | dict(zip(closed.jaxpr.invars, flat_args))
+        read = lambda v: v.val if isinstance(v, jax.extend.core.Literal) else env[v]
+        for eqn in closed.jaxpr.eqns:
+            ins = [read(v) for v in eqn.invars]
+            if eqn.primitive.name == "cond":  # branches (false, true) of a boolean predicate, the index first
+                outs = jax.extend.core.jaxpr_as_fun(eqn.params["branches"][int(take_true_branch)])(*ins[1:])
+            else:
+                with eqn.ctx.manager:  # the equation's own context (e.g. its remat or layout settings)
+                    outs = eqn.primitive.bind(*ins, **eqn.primitive.get_bind_params(eqn.params))
+                outs = outs if eqn.primitive.multiple_results else [outs]
+            env.update(zip(eqn.outvars, outs))
+        return jax.tree.unflatten(out_tree, [read(v) for v in closed.jaxpr.outvars])
 
-    jax.lax.cond = one_branch
-    try:
-        return lowered_cost(step_fn, args)
-    finally:
-        jax.lax.cond = original
+    return lowered_cost(one_branch, tuple(jax.tree.leaves(args)))
 
 
 def with_depth(config: ml_collections.ConfigDict, depth: int, feature_block: int) -> ml_collections.ConfigDict:
@@ -195,11 +215,12 @@ def _count(entries: dict[str, Entry]) -> dict[str, dict[str, float]]:
     """XLA's FLOPs and bytes of each entry's lowered program (a refine cycle: one step taking the generator
     update and k - 1 that do not, since XLA counts the costlier branch of the step's lax.cond on every step)."""
     out = {}
-    for name, (fn, args) in entries.items():
-        if hasattr(fn, "single_step") and fn.cycle_length > 1:
-            k = fn.cycle_length
-            with_update = cost_with_cond_branch(fn.single_step, args, True)
-            without = cost_with_cond_branch(fn.single_step, args, False)
+    for name, entry in entries.items():
+        fn, args = entry
+        if entry.single_step is not None and entry.cycle_length > 1:
+            k = entry.cycle_length
+            with_update = cost_with_cond_branch(entry.single_step, args, True)
+            without = cost_with_cond_branch(entry.single_step, args, False)
             out[name] = {key: with_update[key] + (k - 1) * without[key] for key in with_update}
             out[name].update(flops_step_with_generator_update=with_update["flops"],
                              flops_step_critic_only=without["flops"])
@@ -263,7 +284,7 @@ def precision_errors(config: ml_collections.ConfigDict, shape: tuple[int, ...], 
     from hd.objectives.dmd import dmd_generator_loss
     from hd.objectives.meanflow import sample_time_pairs
     from hd.train.stages import student_from_teacher
-    from hd.train.steps import one_step_generate
+    from hd.sampling import one_step_generate
 
     null, cfg = config.data.num_classes, config.sketch
     models = {}
@@ -340,7 +361,7 @@ def sampling_rates(config: ml_collections.ConfigDict, shape: tuple[int, ...], te
                    repeats: int = 3) -> dict[str, dict]:
     """Images/s of the one-step generator and of the teacher's CFG Euler sampler on random parameters."""
     from hd.models import build_model, init_params
-    from hd.train.stages import mean_flow_sampler, ode_sampler
+    from hd.sampling import mean_flow_sampler, ode_sampler
 
     model = build_model(config.model, shape, config.data.num_classes)
     params = jax.jit(lambda key: init_params(model, key, shape))(jax.random.PRNGKey(config.seed))

@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from hd import flow, parallel, visualize
+from hd import flow, parallel, sampling, visualize
 from hd.checkpoint import read_ema_params
 from hd.eval import heatmaps
 from hd.eval.classifier import classify, reference_data, train_classifier
@@ -86,16 +86,12 @@ def rows_from_config(config: ml_collections.ConfigDict) -> list[Row]:
     return rows
 
 
-def _sampler(model, row: Row, num_classes: int, cfg_scale: float):
-    cfg_scale = cfg_scale if row.cfg_scale is None else row.cfg_scale
+def _sampler(model, row: Row, num_classes: int, cfg_scale: float) -> sampling.Sampler:
+    """The row's sampler from hd.sampling; cfg_scale is the evaluation's default, row.cfg_scale overrides it."""
     if row.sampler == "mean_flow":
-        apply = average_velocity_apply(model)
-        return lambda params, noise, labels: flow.sample_mean_flow(
-            lambda z, r, t, y: apply(params, z, r, t, y), noise, labels, num_steps=row.steps)
-    apply = velocity_apply(model)
-    return lambda params, noise, labels: flow.sample_ode(
-        flow.guided_velocity(lambda z, t, y: apply(params, z, t, y), num_classes, cfg_scale), noise, labels,
-        num_steps=row.steps, method=row.sampler)
+        return sampling.mean_flow_sampler(model, row.steps)
+    return sampling.ode_sampler(model, num_classes, row.steps, row.sampler,
+                                cfg_scale if row.cfg_scale is None else row.cfg_scale)
 
 
 class FeatureNet:

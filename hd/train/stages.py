@@ -18,8 +18,9 @@ from absl import logging
 from hd import flow
 from hd.checkpoint import describe_source, read_ema_params
 from hd.config import critic_optimizer, feature_block
-from hd.models import abstract_params, average_velocity_apply, build_model, init_params, velocity_apply
+from hd.models import abstract_params, build_model, init_params
 from hd.models.heads import build_head
+from hd.sampling import mean_flow_sampler, ode_sampler
 from hd.train import steps
 from hd.train.state import RefineState, TrainState, make_optimizer
 
@@ -32,31 +33,6 @@ class Stage:
     sample: Callable[[Any, Any, jax.Array, jax.Array], jax.Array]  # (state, frozen, noise, labels) -> x
     frozen: Any = None  # read-only trees the step and sampler take as inputs (never saved by this stage)
     sample_nfe: int = 1
-
-
-def ode_sampler(model, num_classes: int, num_steps: int, method: str, cfg_scale: float
-                ) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
-    """(params, noise, labels) -> samples of the multi-step ODE sampler with CFG, for any parameters
-    (teacher, its EMA, a fake score)."""
-    apply_fn = velocity_apply(model)
-
-    def sample(params, noise, labels):
-        velocity = lambda z, t, y: apply_fn(params, z, t, y)
-        guided = flow.guided_velocity(velocity, num_classes, cfg_scale)
-        return flow.sample_ode(guided, noise, labels, num_steps=num_steps, method=method)
-
-    return sample
-
-
-def mean_flow_sampler(model, num_steps: int) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
-    """(params, noise, labels) -> samples after `num_steps` mean-flow jumps (1 = one network evaluation)."""
-    apply_fn = average_velocity_apply(model)
-
-    def sample(params, noise, labels):
-        average_velocity = lambda z, r, t, y: apply_fn(params, z, r, t, y)
-        return flow.sample_mean_flow(average_velocity, noise, labels, num_steps=num_steps)
-
-    return sample
 
 
 def teacher_stage(config: ml_collections.ConfigDict, data_shape: tuple[int, ...]) -> Stage:

@@ -15,6 +15,7 @@ from hd.models import average_velocity_apply, velocity_apply
 from hd.objectives.flow_matching import flow_matching_loss
 from hd.objectives.meanflow import meanflow_loss
 from hd.objectives.refine import discriminator_apply, refine_critic_loss, refine_generator_loss
+from hd.sampling import one_step_generate
 from hd.train.state import RefineState, TrainState, ema_update
 
 LossFn = Callable[[Any, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
@@ -84,12 +85,6 @@ def sketch_step(state: TrainState, batch: dict[str, jax.Array], teacher_params: 
                              adaptive_c=cfg.adaptive_c, fraction_one_step=cfg.fraction_one_step)
 
     return apply_gradients(state, loss_fn, step_key(config.seed, state.step), optimizer, config.ema_decay)
-
-
-def one_step_generate(model, params: Any, noise: jax.Array, y: jax.Array) -> jax.Array:
-    """x = eps - u(eps, r=0, t=1, y): the one-step generator of stages 1 and 2."""
-    ones = jnp.ones((noise.shape[0],), noise.dtype)
-    return noise - average_velocity_apply(model)(params, noise, ones * 0, ones, y)
 
 
 def refine_step(state: RefineState, batch: dict[str, jax.Array], teacher_params: Any, *, model, head,
