@@ -345,9 +345,7 @@ def format_vae_result(result: dict, label: str = "") -> str:
         f"{result['batch_size']} ({result['batch_per_chip']} per chip) split over "
         + " x ".join(f"{k}={v}" for k, v in result["mesh"].items()),
     ]
-    for name, t in result["trees"].items():
-        lines.append(f"  {name:<16}{_gib(t['bytes']):>12} in all, {_gib(t['bytes_per_device']):>10} per chip "
-                     f"({_gib(t['replicated_bytes'])} of it replicated)")
+    lines += _tree_lines(result)
     m = result.get("memory", {})
     if m:
         lines.append(f"per chip     arguments {_gib(m['argument_bytes'])}, outputs {_gib(m['output_bytes'])}, "
@@ -370,6 +368,12 @@ def _verdict_lines(result: dict) -> list[str]:
     return lines
 
 
+def _tree_lines(result: dict) -> list[str]:
+    """One line per tree: its bytes in all, per chip, and how much of it is replicated."""
+    return [f"  {name:<16}{_gib(t['bytes']):>12} in all, {_gib(t['bytes_per_device']):>10} per chip "
+            f"({_gib(t['replicated_bytes'])} of it replicated)" for name, t in result["trees"].items()]
+
+
 def _gib(n: float) -> str:
     return f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / 2 ** 20:.2f} MiB"
 
@@ -382,9 +386,7 @@ def format_result(result: dict, config_name: str = "") -> str:
         f"slice        {result['topology']}: {result['chips']} chips ({result['device_kind']}), mesh "
         + " x ".join(f"{k}={v}" for k, v in result["mesh"].items()),
     ]
-    for name, t in result["trees"].items():
-        lines.append(f"  {name:<16}{_gib(t['bytes']):>12} in all, {_gib(t['bytes_per_device']):>10} per chip "
-                     f"({_gib(t['replicated_bytes'])} of it replicated)")
+    lines += _tree_lines(result)
     m = result.get("memory", {})
     hbm = result["hbm_bytes"]
     if "argument_bytes" in m:
