@@ -22,11 +22,15 @@ import copy
 import json
 import os
 
+import jax
 import numpy as np
 from absl import flags, logging
 
 from hd import cli
+from hd.eval import evaluator
+from hd.eval.evaluator import Row, results_table, write_results
 from hd.pipeline import VARIANTS, finished, stage_configs, stage_dirs
+from hd.train import loop
 
 # Metrics averaged over seeds (the NFE is the same at every seed).
 SEED_METRICS = ("fd", "precision", "recall", "class_consistency", "seconds_per_image")
@@ -52,8 +56,6 @@ def run_ablation(config_path: str, workdir: str, profile: str = "default", overr
         return _run_one_seed(config_path, workdir, profile, overrides)
     if any(o.partition("=")[0].strip() == "seed" for o in overrides):
         raise ValueError("--seeds sets each run's seed (0..seeds-1): drop --set seed=... or use --seeds=1")
-    import jax
-
     stage_configs(config_path, workdir, profile, overrides)  # a bad config or --set fails before anything runs
     feature_workdir = stage_dirs(workdir)["eval"]  # one classifier scores every seed
     per_seed = []
@@ -146,16 +148,12 @@ def write_seed_summary(summary: list[dict], directory: str, name: str = "ablatio
 def _run_one_seed(config_path: str, workdir: str, profile: str, overrides: tuple[str, ...],
                   feature_workdir: str | None = None, write: bool = True) -> list[dict]:
     """One ablation in `workdir`: trains what is missing, scores every row; writes ablation.{json,md} if `write`."""
-    import jax
-
-    from hd.eval.evaluator import Row, evaluate, results_table, write_results
-    from hd.train.loop import train
 
     configs = stage_configs(config_path, workdir, profile, overrides)
     dirs = stage_dirs(workdir)
     for stage in ("teacher", "sketch"):
         if not finished(dirs[stage], configs[stage].num_steps):
-            train(configs[stage], dirs[stage])
+            loop.train(configs[stage], dirs[stage])
 
     out = os.path.join(os.path.abspath(workdir), "ablation")
     rows = [Row("teacher", dirs["teacher"], sampler, n) for sampler, n in TEACHER_ROWS[profile]]
@@ -168,11 +166,11 @@ def _run_one_seed(config_path: str, workdir: str, profile: str, overrides: tuple
         row_dir = dirs["refine"] if name == "sketch_dmd_awd" else os.path.join(out, name)
         if not finished(row_dir, config.num_steps):
             logging.info("=== ablation row %s -> %s", name, row_dir)
-            train(config, row_dir)
+            loop.train(config, row_dir)
         rows.append(Row(name, row_dir, "mean_flow", 1))
 
     # The pipeline's evaluation directory holds the classifier: scored with the same features, not retrained.
-    entries = evaluate(configs["eval"], os.path.join(out, "eval"), rows,
+    entries = evaluator.evaluate(configs["eval"], os.path.join(out, "eval"), rows,
                        feature_workdir=feature_workdir or dirs["eval"])
     if write and jax.process_index() == 0:
         write_results(entries, out, "ablation")

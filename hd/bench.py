@@ -45,6 +45,16 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from hd import flow, parallel
+from hd.config import feature_block, validate
+from hd.data import load_source, make_batch_iterator
+from hd.models import average_velocity_apply, build_model, init_params, model_depth, velocity_apply
+from hd.models.dit import DIT_SIZES
+from hd.objectives.dmd import dmd_generator_loss
+from hd.objectives.meanflow import sample_time_pairs
+from hd.sampling import mean_flow_sampler, ode_sampler, one_step_generate
+from hd.train.stages import build_stage, initial_state, stage_trees, student_from_teacher
+
 # Ratio of each step to the teacher's flow-matching step that the design aims for.
 GOALS = {"sketch": {"time": 2.2, "peak_memory": 2.0}}
 # MFU goals on the 2-core CPU (what a PyTorch eager step of the same DiT reaches there) and the input pipeline's
@@ -74,8 +84,6 @@ def data_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
         return tuple(config.data.example_shape)
     if config.data.name in DATA_SHAPES:
         return DATA_SHAPES[config.data.name]
-    from hd.data import load_source  # a prepared TFDS dataset: read its shape
-
     return tuple(load_source(config.data).example_shape)
 
 
@@ -90,8 +98,6 @@ def train_steps(config: ml_collections.ConfigDict, shape: tuple[int, ...], *, ab
     """The steps to compare, each as (step_fn, args) on the same model and batch: the teacher's and those of
     `stages`, each stage built as training builds it around a random teacher (and the student made from it as
     refine's generator). abstract=True: the args are ShapeDtypeStructs, for lowering without allocating."""
-    from hd.train.stages import build_stage, initial_state, stage_trees
-
     batch = random_batch(config, shape)
     if abstract:
         batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), batch)
@@ -190,8 +196,6 @@ def with_depth(config: ml_collections.ConfigDict, depth: int, feature_block: int
     `feature_block`: a program whose FLOPs XLA's cost analysis counts in full (it counts a scan's body once, and
     recomputed FLOPs are not model FLOPs). The size is registered in DIT_SIZES under a new name;
     forget_depths() removes it."""
-    from hd.models.dit import DIT_SIZES
-
     hidden, _, heads = DIT_SIZES[config.model.size]
     name = f"{config.model.size}@depth{depth}"
     DIT_SIZES[name] = (hidden, depth, heads)
@@ -205,8 +209,6 @@ def with_depth(config: ml_collections.ConfigDict, depth: int, feature_block: int
 
 
 def forget_depths() -> None:
-    from hd.models.dit import DIT_SIZES
-
     for name in [n for n in DIT_SIZES if "@depth" in n]:
         del DIT_SIZES[name]
 
@@ -236,9 +238,6 @@ def model_flops(config: ml_collections.ConfigDict, shape: tuple[int, ...], entri
     to the real depth: a step costs a + b * depth + c * (feature block + 1), since every block has the same
     shapes and the discriminator's backbone stops at the block its head reads (jit drops the unused rest). Exact,
     and quick where lowering the unrolled XL/2 steps would take minutes."""
-    from hd.config import feature_block
-    from hd.models import model_depth
-
     if not (config.model.name == "dit" and (config.model.get("scan_blocks", False)
                                             or config.model.get("remat", False))):
         out = _count(entries)
@@ -279,13 +278,6 @@ def precision_errors(config: ml_collections.ConfigDict, shape: tuple[int, ...], 
       of its spread (a fake score some updates in); dmd_gradient_fake_is_teacher: the fake score an exact copy,
       as at refine's first step, where g is the CFG term alone: a difference of two bfloat16 network outputs
       that float32 resolves and bfloat16 rounds away (the worst case)."""
-    from hd import flow
-    from hd.models import average_velocity_apply, build_model, init_params, velocity_apply
-    from hd.objectives.dmd import dmd_generator_loss
-    from hd.objectives.meanflow import sample_time_pairs
-    from hd.train.stages import student_from_teacher
-    from hd.sampling import one_step_generate
-
     null, cfg = config.data.num_classes, config.sketch
     models = {}
     for dtype in ("float32", "bfloat16"):
@@ -360,9 +352,6 @@ def matmul_rate(n: int, dtype: str = "float32", repeats: int = 10) -> float:
 def sampling_rates(config: ml_collections.ConfigDict, shape: tuple[int, ...], teacher_steps: int,
                    repeats: int = 3) -> dict[str, dict]:
     """Images/s of the one-step generator and of the teacher's CFG Euler sampler on random parameters."""
-    from hd.models import build_model, init_params
-    from hd.sampling import mean_flow_sampler, ode_sampler
-
     model = build_model(config.model, shape, config.data.num_classes)
     params = jax.jit(lambda key: init_params(model, key, shape))(jax.random.PRNGKey(config.seed))
     noise = jax.random.normal(jax.random.PRNGKey(1), (config.batch_size, *shape))
@@ -392,9 +381,6 @@ def sampling_rates(config: ml_collections.ConfigDict, shape: tuple[int, ...], te
 def data_rate(config: ml_collections.ConfigDict, num_batches: int = 50) -> dict:
     """Batches/s of the training input pipeline as the loop runs it: the iterator's next batch, then the copy
     to the devices as one global array."""
-    from hd import parallel
-    from hd.data import make_batch_iterator
-
     data = make_batch_iterator(config.data, global_batch_size=config.batch_size, seed=config.seed,
                                process_index=jax.process_index(), process_count=jax.process_count())
     sharding = parallel.batch_sharding(parallel.make_mesh(config.mesh.data, config.mesh.fsdp))
@@ -539,8 +525,6 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 def main(argv: list[str]) -> None:
     del argv
-    from hd.config import validate
-
     config = _CONFIG.value
     unknown = set(_STAGES.value) - {"teacher", "sketch", "refine"}
     if unknown:

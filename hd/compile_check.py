@@ -44,7 +44,15 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from hd import cli
+from hd import cli, parallel
+from hd.config import check_values, copy_with
+from hd.data import load_source
+from hd.eval.evaluator import evaluation_step
+from hd.eval.inception import abstract_inception_variables
+from hd.models import vae as vae_lib
+from hd.models.vae import CONFIG_NAME, SD_VAE_CONFIG
+from hd.train.loop import compile_train_step
+from hd.train.stages import abstract_stage
 
 # Generations this check knows: HBM per chip (GiB), the chip config libtpu is asked for, and the number of
 # dimensions of a topology name. v4 and v5p chips hold two TensorCores that JAX drives as one device
@@ -98,7 +106,7 @@ def tpu_devices(topology: str) -> tuple[list, str]:
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", chip["accelerator"].format(chips=chips, cores=2 * chips))
-    from jax.experimental import topologies
+    from jax.experimental import topologies  # local: loads libtpu, after the TPU_* variables above are set
 
     try:
         devices = topologies.get_topology_desc(platform="tpu", topology_name=topology.strip(),
@@ -114,8 +122,6 @@ def example_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
     """config.data.example_shape, or the dataset's when that is () (the dataset must then be readable here)."""
     if tuple(config.data.example_shape):
         return tuple(config.data.example_shape)
-    from hd.data import load_source
-
     try:
         return tuple(load_source(config.data).example_shape)
     except Exception as e:
@@ -155,11 +161,6 @@ def _out_of_memory(message: str) -> dict | None:
 def unrolled_flops(config: ml_collections.ConfigDict, data_shape: tuple[int, ...]) -> float:
     """FLOPs of one whole step (all chips) from XLA's cost analysis of the step with the DiT blocks unrolled,
     lowered for one CPU device (before optimisation: lowering only, so XL takes seconds)."""
-    from hd import parallel
-    from hd.train.loop import compile_train_step
-    from hd.config import copy_with
-    from hd.train.stages import abstract_stage
-
     config = copy_with(config, {"model.scan_blocks": False})
     stage, abstract_state = abstract_stage(config, data_shape)
     mesh = parallel.make_mesh(1, 1, jax.devices("cpu")[:1])
@@ -182,11 +183,6 @@ def _abstract_batch(config: ml_collections.ConfigDict, data_shape: tuple[int, ..
 
 def compile_check(config: ml_collections.ConfigDict, topology: str) -> dict:
     """Lower and compile `config`'s train step for the TPU slice `topology`; returns what it measured."""
-    from hd import parallel
-    from hd.config import check_values
-    from hd.train.loop import compile_train_step
-    from hd.train.stages import abstract_stage
-
     generation, dims = parse_topology(topology)
     chips = math.prod(dims)
     # The config is checked against the slice before libtpu is even loaded: a mesh that does not cover the
@@ -263,8 +259,6 @@ def _compile_into(lowered: Any, result: dict) -> float | None:
 
 def read_vae_config(spec: str) -> tuple[dict, str]:
     """--vae_config: '' is the SD-VAE (hd.models.vae.SD_VAE_CONFIG); else a config.json or a folder holding one."""
-    from hd.models.vae import CONFIG_NAME, SD_VAE_CONFIG
-
     if not spec:
         return dict(SD_VAE_CONFIG), "SD_VAE_CONFIG"
     path = os.path.join(spec, CONFIG_NAME) if os.path.isdir(spec) else spec
@@ -279,9 +273,6 @@ def compile_vae_decode(vae_config: dict, topology: str, *, batch_per_chip: int =
                        dtype: str = "float32", inception: bool = False) -> dict:
     """Lower and compile the VAE decode of batch_per_chip x chips latents, split over the slice's chips; with
     inception=True the evaluation step (decode, uint8, FID Inception: hd.eval.evaluator.evaluation_step)."""
-    from hd import parallel
-    from hd.models import vae as vae_lib
-
     generation, dims = parse_topology(topology)
     chips = math.prod(dims)
     try:
@@ -303,9 +294,6 @@ def compile_vae_decode(vae_config: dict, topology: str, *, batch_per_chip: int =
     decode = lambda p, z: module.apply({"params": p}, z, method="decode")
     latents = jax.ShapeDtypeStruct((batch_size, side, side, module.latent_channels), jnp.float32)
     if inception:
-        from hd.eval.evaluator import evaluation_step
-        from hd.eval.inception import abstract_inception_variables
-
         step = evaluation_step(decode, float(vae_lib.check_config(vae_config)["scaling_factor"]))
         inception_variables = abstract_inception_variables()
         lowered = jax.jit(step, in_shardings=(replicated, replicated, batch), out_shardings=batch).lower(

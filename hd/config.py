@@ -422,7 +422,7 @@ def check_values(config: ml_collections.ConfigDict, num_devices: int) -> None:
             raise ValueError(f"config.refine.t_min={rf.t_min}, t_max={rf.t_max} must satisfy 0 <= min < max <= 1")
         _positive(config, ("refine.generator_every", "refine.critic_lr", "refine.awd_heads",
                            "refine.awd_temperature", "refine.head_width"))
-        from hd.models import model_depth
+        from hd.models import model_depth  # local: keeps config import light (no flax for config files)
 
         depth = model_depth(config.model)
         if not -1 <= rf.feature_block < depth:

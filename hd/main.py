@@ -10,23 +10,21 @@ from __future__ import annotations
 
 import sys
 
+import jax
+
 from hd import cli
+from hd.config import validate
+from hd.eval.evaluator import evaluate, results_table
+from hd.train.loop import train
 
 
 def run(config, workdir: str) -> None:
-    import jax
-
     if config.stage == "eval":
-        from hd.config import validate
-        from hd.eval.evaluator import evaluate, results_table
-
         validate(config, jax.device_count())
         table = results_table(evaluate(config, workdir))
         if jax.process_index() == 0:
             print(table)
         return
-    from hd.train.loop import train  # after flag parsing: keeps --help fast
-
     train(config, workdir, command=sys.argv)  # the command line, quoted in errors that say how to resume
 
 

@@ -10,7 +10,8 @@ from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
-from absl import logging
+from absl import flags, logging
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 AXES = ("data", "fsdp")
@@ -38,7 +39,7 @@ def detected_cluster() -> tuple[str, int] | None:
     if slurm_step and ntasks is not None and ntasks > 1:
         return "slurm", ntasks
     try:  # JAX's own TPU detection; running_in_cloud_tpu_vm is set when jax is imported on a TPU VM
-        from jax._src import cloud_tpu_init, clusters
+        from jax._src import cloud_tpu_init, clusters  # local: private JAX modules, guarded by the except
     except ImportError:  # a JAX that moved them: TPU pods then need the explicit flags
         return None
     if not getattr(cloud_tpu_init, "running_in_cloud_tpu_vm", False):
@@ -101,8 +102,6 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
 def define_distributed_flags() -> tuple:
     """Defines --coordinator_address, --num_processes and --process_id for an entry point (hd.main; hd.pipeline
     may call it too); pass the returned holders' values to initialize_distributed after flag parsing."""
-    from absl import flags
-
     return (
         flags.DEFINE_string("coordinator_address", None, "Multi-process runs: HOST:PORT of process 0's coordinator "
                             f"(the same in every process); default ${ENV_COORDINATOR}, or detected under SLURM / on "
@@ -147,7 +146,7 @@ def _preemption_sync_manager() -> Any:
     if not jax.distributed.is_initialized():
         return None
     try:
-        from jax._src import distributed
+        from jax._src import distributed  # local: a private JAX module, guarded by the except
     except ImportError:
         return None
     return getattr(distributed.global_state, "preemption_sync_manager", None)
@@ -180,8 +179,6 @@ class PreemptionNotice:
 
     def reached(self, step: int) -> bool:
         if self.synced:
-            from jax.experimental import multihost_utils
-
             return multihost_utils.reached_preemption_sync_point(step)
         return bool(self._flag)
 

@@ -35,11 +35,17 @@ import os
 import shutil
 import time
 
+import jax
 import ml_collections
 from absl import flags, logging
+from jax.experimental import multihost_utils
 
 from hd import cli
+from hd.checkpoint import latest_step
 from hd.config import apply_overrides
+from hd.eval import evaluator
+from hd.eval.evaluator import results_table, write_results
+from hd.train import loop
 
 VARIANTS = {
     "default": {"teacher": "teacher", "sketch": "sketch", "refine": "refine", "eval": "eval"},
@@ -93,7 +99,6 @@ def stage_dirs(workdir: str) -> dict[str, str]:
 
 
 def finished(workdir: str, num_steps: int) -> bool:
-    from hd.checkpoint import latest_step
     return latest_step(workdir) == num_steps
 
 
@@ -120,17 +125,12 @@ def _write_json(path: str, value) -> None:
 
 
 def _sync(name: str) -> None:
-    import jax
-
     if jax.process_count() > 1:  # the work directory is shared: others wait for process 0's moves and writes
-        from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(name)
 
 
 def _final_steps(configs: dict, dirs: dict) -> tuple[dict[str, int | None], dict[str, int]]:
     """(newest step on disk, step at the end of this run) of each trained stage."""
-    from hd.checkpoint import latest_step
-
     latest = {stage: latest_step(dirs[stage]) for stage in TRAINED}
     final = {stage: configs[stage].num_steps if latest[stage] is None else max(latest[stage], configs[stage].num_steps)
              for stage in TRAINED}
@@ -174,8 +174,6 @@ def _supersede(path: str, workdir: str, stamp: str) -> str:
 
 
 def _evaluation_record(configs, dirs, plan: dict) -> dict:
-    from hd.checkpoint import latest_step
-
     scored = {stage: {"workdir": dirs[stage], "step": latest_step(dirs[stage]),
                       "built_from": plan.get(stage, {}).get("built_from", {})} for stage in TRAINED}
     # The keys that change what the evaluation computes (not e.g. log_every or num_steps, which --set also sets).
@@ -205,8 +203,6 @@ def _describe(record: dict) -> str:
 
 def run_pipeline(config_path: str, workdir: str, profile: str = "default", overrides: tuple[str, ...] = (),
                  rebuild_stale: bool = False) -> list[dict]:
-    import jax
-
     configs = stage_configs(config_path, workdir, profile, overrides)
     dirs = stage_dirs(workdir)
     plan_path = os.path.join(os.path.abspath(workdir), PLAN_FILE)
@@ -228,9 +224,6 @@ def run_pipeline(config_path: str, workdir: str, profile: str = "default", overr
             logging.warning("%s; moved it to %s, training it again", reason, moved)
     _sync("pipeline_superseded")
 
-    from hd.checkpoint import latest_step
-    from hd.eval.evaluator import evaluate, results_table, write_results
-    from hd.train.loop import train
 
     sources = stage_sources(configs)
     timings = {}
@@ -257,7 +250,7 @@ def run_pipeline(config_path: str, workdir: str, profile: str = "default", overr
             continue
         logging.info("=== stage %s -> %s (built from %s)", stage, dirs[stage], plan[stage]["built_from"] or "data")
         start = time.perf_counter()
-        train(configs[stage], dirs[stage])
+        loop.train(configs[stage], dirs[stage])
         timings[stage] = time.perf_counter() - start
 
     results_path = os.path.join(dirs["eval"], "results.json")
@@ -277,7 +270,7 @@ def run_pipeline(config_path: str, workdir: str, profile: str = "default", overr
                     if os.path.exists(os.path.join(dirs["eval"], name)):
                         shutil.copy2(os.path.join(dirs["eval"], name), kept)
         start = time.perf_counter()
-        entries = evaluate(configs["eval"], dirs["eval"])
+        entries = evaluator.evaluate(configs["eval"], dirs["eval"])
         timings["eval"] = time.perf_counter() - start
         # Each row names the stage and checkpoint step it scored; sources.json goes last, so a crash before it
         # leaves results that the next run evaluates again.

@@ -48,11 +48,20 @@ import tarfile
 import time
 from typing import Any, Callable, Protocol, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
-from absl import logging
+import tensorflow_datasets as tfds
+from absl import app, flags, logging
+from array_record.python import array_record_module
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from PIL import Image
 
+from hd import parallel
 from hd.data.preprocess import center_crop
+from hd.eval.inception import file_sha256, inception_features, load_inception_params
+from hd.models.vae import CONFIG_NAME, WEIGHTS_NAME, load_vae
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 STORAGE_DTYPE = np.float16
@@ -112,8 +121,6 @@ def default_manual_dir() -> str:
 
 
 def _tfds_imagenet_file(name: str) -> str:
-    import tensorflow_datasets as tfds
-
     return os.fspath(tfds.core.tfds_path("datasets/imagenet2012") / name)
 
 
@@ -204,10 +211,6 @@ def make_encoder(vae: Any, batch: int, devices: Sequence[Any] | None = None) -> 
     its own images and their flips, so nothing crosses devices. Every call has the same padded shape, so the
     encoder compiles once.
     """
-    import jax
-    import jax.numpy as jnp
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-
     devices = list(jax.local_devices() if devices is None else devices)
     mesh = Mesh(np.asarray(devices), ("data",))
     batch_sharding, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
@@ -293,8 +296,6 @@ def _write_json(path: str, value: Any) -> None:
 
 
 def features_dict(latent_shape: tuple[int, ...], class_names: list[str]):
-    import tensorflow_datasets as tfds
-
     # Tensor features stored as raw bytes: 10x faster to serialize than TFDS's default proto lists, and
     # exactly the array's size on disk.
     tensor = lambda: tfds.features.Tensor(shape=(2, *latent_shape), dtype=STORAGE_DTYPE, encoding="bytes")
@@ -304,8 +305,6 @@ def features_dict(latent_shape: tuple[int, ...], class_names: list[str]):
 
 
 def _template(version_dir: str, name: str, split: str | None):
-    import tensorflow_datasets as tfds
-
     return tfds.core.ShardedFileTemplate(data_dir=version_dir, dataset_name=name, split=split,
                                          filetype_suffix="array_record")
 
@@ -379,8 +378,6 @@ class Preparation:
 
 def _read_back(path: str, features) -> tuple[np.ndarray, np.ndarray]:
     """(labels, indices) of every record of a written shard, decoded as the trainer decodes them."""
-    from array_record.python import array_record_module
-
     reader = array_record_module.ArrayRecordReader(path)
     try:
         records = reader.read_all()
@@ -393,8 +390,6 @@ def _read_back(path: str, features) -> tuple[np.ndarray, np.ndarray]:
 def write_shard(k: int, plan: Plan, prep: Preparation, source: ImageSource, encode: Encoder, features, *,
                 batch: int, pool: concurrent.futures.Executor, fid: tuple[Callable, FidAccumulator, str] | None,
                 progress: Callable[[int], None], kill_now: Callable[[int], bool]) -> None:
-    from array_record.python import array_record_module
-
     start, stop = k * plan.shard_size, min((k + 1) * plan.shard_size, plan.num_examples)
     final = prep.shard_paths(plan.num_shards)[k]
     tmp = f"{final}.tmp.{os.getpid()}"
@@ -438,8 +433,6 @@ def write_shard(k: int, plan: Plan, prep: Preparation, source: ImageSource, enco
 
 def finalize(plan: Plan, prep: Preparation, features, *, process_count: int, fid_ref_out: str) -> dict:
     """Check the whole split against the source, then publish the TFDS metadata (and the FID statistics)."""
-    import tensorflow_datasets as tfds
-
     records = []
     for k in range(plan.num_shards):
         if not os.path.exists(prep.shard_record(k)):
@@ -499,8 +492,6 @@ def write_metadata(version_dir: str, name: str, features, split_infos: list, des
     """TFDS metadata for the ArrayRecord shards of every split in `split_infos`, already in `version_dir`
     (NAME-SPLIT.array_record-XXXXX-of-YYYYY). dataset_info.json is what makes the dataset visible to
     `tfds.builder_from_directory` and hd.data; `metadata` goes to metadata.json."""
-    import tensorflow_datasets as tfds
-
     tfds.folder_dataset.write_metadata(
         data_dir=version_dir, features=features, split_infos=split_infos,
         filename_template=_template(version_dir, name, None), version=METADATA_VERSION, check_data=False,
@@ -509,9 +500,6 @@ def write_metadata(version_dir: str, name: str, features, split_infos: list, des
 
 def vae_fingerprint(vae_dir: str) -> str:
     """sha256 over the VAE folder's config and weights: a resume with other weights is refused."""
-    from hd.models.vae import CONFIG_NAME, WEIGHTS_NAME
-    from hd.eval.inception import file_sha256
-
     return hashlib.sha256("".join(file_sha256(os.path.join(vae_dir, n)) for n in (CONFIG_NAME, WEIGHTS_NAME))
                           .encode()).hexdigest()
 
@@ -528,9 +516,6 @@ def prepare(*, source: str, vae_dir: str, out: str, resolution: int, split: str 
             vae_dtype: str = "float32", inception_weights: str = "", inception_sha256: str = "",
             fid_ref_out: str = "") -> dict:
     """Prepare (or resume) one split; returns a summary (process 0: after the final checks)."""
-    import jax
-
-    from hd.models.vae import load_vae
 
     if resolution <= 0 or batch <= 0 or shard_size <= 0 or workers <= 0:
         raise ValueError(f"--resolution={resolution}, --batch={batch}, --shard_size={shard_size} and "
@@ -553,8 +538,6 @@ def prepare(*, source: str, vae_dir: str, out: str, resolution: int, split: str 
                 fid_statistics=bool(inception_weights))
     inception = None
     if inception_weights:  # checked (hash) before anything is written
-        from hd.eval.inception import inception_features, load_inception_params
-
         variables = load_inception_params(inception_weights, inception_sha256 or None)
         inception = lambda pixels: np.asarray(inception_features(variables, pixels)["pool"])
     pid, nproc = jax.process_index(), jax.process_count()
@@ -566,8 +549,6 @@ def prepare(*, source: str, vae_dir: str, out: str, resolution: int, split: str 
         if not os.path.exists(os.path.join(prep.work_dir, "labels.npy")):
             _atomic_write(os.path.join(prep.work_dir, "labels.npy"), lambda f: np.save(f, images.labels))
     if nproc > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices("prepare_latents: manifest")
         prep.check_or_write_manifest(plan)  # written by process 0 by now: every process checks it
     if complete:
@@ -607,8 +588,6 @@ def prepare(*, source: str, vae_dir: str, out: str, resolution: int, split: str 
                         kill_now=kill_now)
             committed[0] += 1
     if nproc > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices("prepare_latents: shards written")
     if pid != 0:
         return {"split": split, "shards_written": len(mine)}
@@ -621,8 +600,6 @@ def prepare(*, source: str, vae_dir: str, out: str, resolution: int, split: str 
 
 def main(argv: Sequence[str]) -> None:
     del argv
-    from hd import parallel
-
     parallel.run_processes(lambda: print(json.dumps(prepare(
         source=_SOURCE.value, vae_dir=_VAE.value, out=_OUT.value, resolution=_RESOLUTION.value, split=_SPLIT.value,
         name=_NAME.value, batch=_BATCH.value, shard_size=_SHARD_SIZE.value, workers=_WORKERS.value,
@@ -632,10 +609,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    from absl import app, flags
-
-    from hd import parallel
-
     _SOURCE = flags.DEFINE_string("source", None, "tfds:imagenet2012 or folder:/path (one sub-folder per class).")
     _VAE = flags.DEFINE_string("vae", None, "diffusers AutoencoderKL folder (config.json + safetensors weights).")
     _VAE_SHA256 = flags.DEFINE_string("vae_sha256", "", "Expected sha256 of the VAE's safetensors file.")

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     try:
-        import torch
+        import torch  # local: optional, not in requirements.txt; only this converter needs it
     except ImportError:
         sys.exit("convert_inception needs PyTorch to read the .pth file: pip install torch (CPU build is enough), "
                  "or convert on another machine and copy the pickle here.")

@@ -26,14 +26,19 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from hd import flow, parallel, sampling, visualize
 from hd.checkpoint import read_ema_params
+from hd.data import load_source
 from hd.eval import heatmaps
 from hd.eval.classifier import classify, reference_data, train_classifier
 from hd.eval.frechet import feature_statistics, frechet_distance, frechet_distance_to_features
+from hd.eval.inception import file_sha256, inception_features, load_inception_params, quantize_to_uint8
+from hd.eval.inception_score import inception_score
 from hd.eval.precision_recall import precision_recall
 from hd.models import abstract_params, average_velocity_apply, build_model, velocity_apply
+from hd.models.vae import load_vae
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +111,6 @@ class FeatureNet:
                                                           num_steps=ev.classifier_steps)
             logging.info("feature classifier test accuracy: %.4f", self.accuracy)
         elif self.kind == "inception":
-            from hd.eval.inception import load_inception_params  # heavy; only when asked for
             self.variables = load_inception_params(ev.inception_weights, ev.inception_sha256 or None)
             self.accuracy = None
         else:
@@ -115,7 +119,6 @@ class FeatureNet:
     def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         if self.kind == "classifier":
             return classify(self.params, self.num_classes, x)
-        from hd.eval.inception import inception_features
         pools = [np.asarray(inception_features(self.variables, jnp.asarray(x[i:i + 100]))["pool"])
                  for i in range(0, len(x), 100)]
         return np.concatenate(pools), None
@@ -422,8 +425,6 @@ def _agree(values: np.ndarray) -> np.ndarray:
     """Process 0's view, on every process (which chunks are on disk: all processes must skip the same ones)."""
     if jax.process_count() == 1:
         return values
-    from jax.experimental import multihost_utils
-
     return np.asarray(multihost_utils.broadcast_one_to_all(values))
 
 
@@ -431,8 +432,6 @@ def _to_host(x: jax.Array) -> np.ndarray:
     """A batch-sharded global array, whole, on every process."""
     if jax.process_count() == 1:
         return np.asarray(x)
-    from jax.experimental import multihost_utils
-
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
@@ -445,16 +444,12 @@ def _lowered_flops(lowered) -> float:
 def decode_to_uint8(decode_fn: Any, scaling_factor: float) -> Any:
     """(vae_params, latents × scaling_factor) -> uint8 images: the VAE decodes unscaled latents, the diffusion
     model works on scaled ones; then inception.quantize_to_uint8."""
-    from hd.eval.inception import quantize_to_uint8
-
     return lambda params, latents: quantize_to_uint8(decode_fn(params, latents / scaling_factor))
 
 
 def evaluation_step(decode_fn: Any, scaling_factor: float) -> Any:
     """(vae_params, inception_variables, latents) -> {'pool', 'logits'}: what evaluate_inception computes per
     batch (there as two programs, timed apart), as one function for the TPU compile check."""
-    from hd.eval.inception import inception_features
-
     to_images = decode_to_uint8(decode_fn, scaling_factor)
     return lambda vae_params, variables, latents: inception_features(variables, to_images(vae_params, latents))
 
@@ -463,8 +458,6 @@ class _InceptionPipeline:
     """decode (optional) -> uint8 -> Inception, jitted over the mesh; built once per evaluation."""
 
     def __init__(self, config: ml_collections.ConfigDict, mesh, data_shape: tuple[int, ...]):
-        from hd.eval.inception import inception_features, load_inception_params, quantize_to_uint8
-
         ev = config.eval
         self.batch = parallel.batch_sharding(mesh)
         replicated = parallel.replicated(mesh)
@@ -472,8 +465,6 @@ class _InceptionPipeline:
                                         replicated)
         self.vae = None
         if ev.vae_dir:
-            from hd.models.vae import load_vae
-
             self.vae = load_vae(ev.vae_dir, sha256=ev.vae_sha256)
             if self.vae.module.latent_channels != data_shape[-1]:
                 raise ValueError(f"the VAE in {ev.vae_dir} has {self.vae.module.latent_channels} latent channels, the "
@@ -526,8 +517,6 @@ class _InceptionPipeline:
 def _reference(config: ml_collections.ConfigDict, pipeline: _InceptionPipeline, workdir: str) -> dict:
     """mu, sigma (float64) and, when the reference holds images (ADM's arr_0), their pool features for
     precision/recall, cached in WORKDIR beside a fingerprint of the file and the Inception weights."""
-    from hd.eval.inception import file_sha256, quantize_to_uint8
-
     ev = config.eval
     if not ev.reference_npz:  # pixel data: the test split, quantised like the samples
         images = np.asarray(quantize_to_uint8(reference_data(config.data, ev.num_samples)["x"]))
@@ -592,17 +581,12 @@ def _model_flops_per_evaluation(config: ml_collections.ConfigDict, row: Row, dat
 def evaluate_inception(config: ml_collections.ConfigDict, workdir: str, rows: list[Row] | None = None) -> list[dict]:
     """FID / Inception Score / precision-recall of every row (see the comment above); writes results.json,
     results.md, grids/ and the optional ADM .npz exports; returns the entries."""
-    from hd.eval.inception import file_sha256
-    from hd.eval.inception_score import inception_score
-
     ev = config.eval
     plan = check_inception_eval(config, jax.device_count())
     rows = rows_from_config(config) if rows is None else rows
     if ev.vae_dir:
         data_shape = tuple(config.data.example_shape)
     else:
-        from hd.data import load_source
-
         data_shape = tuple(config.data.example_shape) or tuple(load_source(config.data).example_shape)
     model = build_model(config.model, data_shape, config.data.num_classes)
     abstract = abstract_params(model, data_shape)

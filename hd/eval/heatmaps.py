@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 
 from hd import flow, visualize
+from hd.checkpoint import read_ema_params, read_items
 from hd.config import feature_block as resolved_feature_block
 from hd.models import abstract_params, build_model, init_params
 from hd.models.heads import AWDHead, build_head, logit_weights
@@ -89,8 +90,6 @@ def run_heatmap_grid(workdir: str, samples: np.ndarray, labels: np.ndarray, rows
     """The heat-map image (awd_heatmap_grid) of the AWD head of the refine run in `workdir`, on `samples`
     (generated with `labels`), from its newest checkpoint; None when the run is not a refine stage with an
     AWD head (teacher and sketch rows, GAP/conv heads, no GAN)."""
-    from hd.checkpoint import read_ema_params, read_items
-
     if not os.path.exists(os.path.join(workdir, "config.json")):
         return None
     config = _stored_config(workdir)

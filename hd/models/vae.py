@@ -34,6 +34,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from hd.eval.inception import file_sha256
 
 # The released sd-vae-ft-ema config.json values (sd-vae-ft-mse has the same architecture). Older releases of
 # the file lack `scaling_factor`; diffusers' default, 0.18215, is the value DiT and SiT scale latents by.
@@ -488,16 +491,12 @@ def load_vae(directory: str, *, sha256: str = "", dtype: str = "float32") -> VAE
 
     sha256: when given, the safetensors file must have this sha256 (checked before it is read).
     """
-    from safetensors.numpy import load_file
-
     config_path, weights_path = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
     for path in (config_path, weights_path):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} not found: a diffusers AutoencoderKL folder holds {CONFIG_NAME} and "
                                     f"{WEIGHTS_NAME} (e.g. from huggingface.co/stabilityai/sd-vae-ft-ema)")
     if sha256:
-        from hd.eval.inception import file_sha256
-
         actual = file_sha256(weights_path)
         if actual != sha256.strip().lower():
             raise ValueError(f"{weights_path} has sha256 {actual}, but {sha256} was expected: the file is corrupt, "
@@ -515,8 +514,6 @@ def save_vae(vae: VAE, directory: str) -> None:
 
     Existing files are never overwritten: each is written to a temporary name and moved in place at the end.
     """
-    from safetensors.numpy import save_file
-
     targets = [os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)]
     present = [p for p in targets if os.path.exists(p)]
     if present:

@@ -24,8 +24,15 @@ import shutil
 import tempfile
 import time
 
+import ml_collections
 import numpy as np
+import tensorflow_datasets as tfds
 from absl import app, flags
+from array_record.python import array_record_module
+
+from hd.config import base_config
+from hd.data import make_batch_iterator
+from hd.data.prepare_latents import METADATA_VERSION, _template, features_dict, write_metadata
 
 GOAL_FACTOR = 10.0
 
@@ -33,10 +40,6 @@ GOAL_FACTOR = 10.0
 def write_synthetic(directory: str, examples: int, *, latent_shape=(32, 32, 4), shard_size: int = 5000,
                     num_classes: int = 1000, seed: int = 0, name: str = "bench_latents") -> str:
     """A posterior dataset of random float16 values in prepare_latents' format; returns the TFDS data dir."""
-    import tensorflow_datasets as tfds
-    from array_record.python import array_record_module
-
-    from hd.data.prepare_latents import METADATA_VERSION, _template, features_dict, write_metadata
 
     version_dir = os.path.join(directory, name, METADATA_VERSION)
     os.makedirs(version_dir, exist_ok=True)
@@ -71,10 +74,6 @@ def goal_batches_per_s(*, step_flops: float, chips: int, chip_flops: float, mfu:
 
 
 def measure(data_dir: str, *, batch: int, batches: int, seed: int = 0, name: str = "bench_latents") -> dict:
-    import ml_collections
-
-    from hd.config import base_config
-    from hd.data import make_batch_iterator
 
     c = base_config().data
     c = ml_collections.ConfigDict(c.to_dict())

@@ -41,9 +41,24 @@ import math
 import os
 import re
 import shutil
+import sys
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+from safetensors.numpy import load_file
+
+from hd.checkpoint import Checkpointer
+from hd.config import validate
+from hd.eval.inception import file_sha256
+from hd.logs import quiet_library_logs
+from hd.models import build_model, init_params
+from hd.models.dit import DIT_SIZES, TimestepEmbedder, sincos_pos_embed_2d
+from hd.train.stages import teacher_stage
+from hd.train.state import TrainState, make_optimizer
 
 FORMATS = ("sit", "dit")
 CONVENTIONS = ("sit", "repa")
@@ -87,8 +102,6 @@ def read_state_dict(path: str, *, allow_pickle: bool = False) -> tuple[dict[str,
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--checkpoint={path}: no such file")
     if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file
-
         try:
             tree, nested = load_file(path), ""
         except (TypeError, ValueError) as e:  # e.g. bfloat16, which numpy cannot hold
@@ -96,7 +109,7 @@ def read_state_dict(path: str, *, allow_pickle: bool = False) -> tuple[dict[str,
                                      "safetensors or pass the .pt") from e
     else:
         try:
-            import torch
+            import torch  # local: optional, not in requirements.txt; only a .pt checkpoint needs it
         except ImportError as e:
             raise TeacherImportError(f"reading {path} needs PyTorch: pip install torch (the CPU build is enough), or "
                                      "convert the state dict to .safetensors elsewhere and pass that") from e
@@ -175,8 +188,6 @@ def _key_map(depth: int) -> dict[str, tuple[str, str]]:
 
 
 def _flat(tree: Any) -> dict[str, Any]:
-    import jax
-
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {"/".join(str(getattr(k, "key", k)) for k in path): leaf for path, leaf in flat}
 
@@ -205,8 +216,6 @@ def _checkpoint_architecture(state: dict[str, np.ndarray]) -> str:
 
 def check_teacher_config(config: Any) -> tuple[int, ...]:
     """The example shape the teacher is built for; errors for a config that cannot hold an imported SiT."""
-    from hd.models.dit import DIT_SIZES
-
     if config.stage != "teacher":
         raise TeacherImportError(f"--config has stage={config.stage!r}: an imported network is a teacher; use the "
                                  "config's teacher variant (e.g. configs/imagenet256.py:teacher)")
@@ -231,11 +240,6 @@ def convert_sit(state: dict[str, np.ndarray], config: Any, *, convention: str = 
     """hd DiT parameters (nested dict of float32 numpy arrays) from a SiT state dict, and the dropped keys.
 
     Every key and shape is checked before any conversion; errors name the key and both shapes."""
-    import jax
-    import jax.numpy as jnp
-
-    from hd.models import build_model, init_params
-    from hd.models.dit import DIT_SIZES, TimestepEmbedder, sincos_pos_embed_2d
 
     if convention not in CONVENTIONS:
         raise TeacherImportError(f"--convention={convention!r} is not one of {CONVENTIONS}")
@@ -337,12 +341,6 @@ def _check_workdir(workdir: str) -> None:
 def write_teacher_workdir(params: dict, config: Any, workdir: str, imported_from: dict) -> None:
     """WORKDIR/checkpoints/<num_steps> (teacher TrainState: params = ema_params, fresh optimizer state) and then
     WORKDIR/config.json with `imported_from`. A failure removes what this call created."""
-    import jax
-    import jax.numpy as jnp
-
-    from hd.checkpoint import Checkpointer
-    from hd.train.stages import teacher_stage
-    from hd.train.state import TrainState, make_optimizer
 
     _check_workdir(workdir)
     data_shape = check_teacher_config(config)
@@ -386,17 +384,12 @@ def write_teacher_workdir(params: dict, config: Any, workdir: str, imported_from
 def import_teacher(checkpoint: str, config: Any, workdir: str, *, format: str = "sit", convention: str = "sit",
                    allow_pickle: bool = False, seed: int = 0) -> dict:
     """Convert `checkpoint` and write the teacher work directory; returns the `imported_from` record."""
-    from hd.eval.inception import file_sha256
-
     if format == "dit":
         raise TeacherImportError(DIT_UNSUPPORTED)
     if format not in FORMATS:
         raise TeacherImportError(f"--format={format!r} is not one of {FORMATS}")
     _check_workdir(workdir)  # before reading gigabytes
     check_teacher_config(config)
-    import jax
-
-    from hd.config import validate
 
     validate(config, jax.device_count())
     state, nested = read_state_dict(checkpoint, allow_pickle=allow_pickle)
@@ -409,9 +402,6 @@ def import_teacher(checkpoint: str, config: Any, workdir: str, *, format: str = 
 
 
 def main(argv: list[str]) -> None:
-    import sys
-
-    from hd.logs import quiet_library_logs
 
     del argv
     quiet_library_logs()  # orbax logs every file it writes at INFO
@@ -432,9 +422,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":  # flags only here: importing this module (tests) defines none
-    from absl import app, flags
-    from ml_collections import config_flags
-
     _CONFIG = config_flags.DEFINE_config_file("config", None, "Teacher config, e.g. configs/imagenet256.py:teacher.")
     _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "SiT checkpoint: .pt/.pth (needs torch) or .safetensors.")
     _WORKDIR = flags.DEFINE_string("workdir", None, "Teacher work directory to create (must not exist or be empty).")

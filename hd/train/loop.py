@@ -19,6 +19,7 @@ import numpy as np
 from absl import logging
 from clu import metrics
 from etils import epath
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from hd import parallel, visualize
@@ -26,6 +27,9 @@ from hd.checkpoint import (Checkpointer, DiskFullError, WriterLock, abstract_lik
                            move_steps_aside, read_stored_config)
 from hd.config import (check_example_shape, config_changes, format_changes, run_defining_changes, validate)
 from hd.data import make_batch_iterator
+from hd.eval.evaluator import SampleScorer
+from hd.eval.inception import quantize_to_uint8
+from hd.models.vae import CONFIG_NAME, WEIGHTS_NAME, load_vae
 from hd.train.stages import Stage, build_stage, hand_off_sources
 
 HISTORY_FILE = "config_history.jsonl"
@@ -187,8 +191,6 @@ def load_grid_vae(config: ml_collections.ConfigDict, data_shape: tuple[int, ...]
             logging.warning("sample grids show the raw %d-channel examples: set config.sample.vae_dir to the VAE "
                             "the latents were made with to see decoded images", data_shape[-1])
         return None
-    from hd.models.vae import CONFIG_NAME, WEIGHTS_NAME, load_vae
-
     missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if not os.path.isfile(os.path.join(directory, n))]
     if missing:
         raise ValueError(f"config.sample.vae_dir={directory!r} lacks {', '.join(missing)}: set it to the diffusers "
@@ -232,8 +234,6 @@ def _decode_grid(params: Any, latents: jax.Array, *, module: Any, scale: float, 
     """The grid's rows split over every device (padded to a multiple of the device count), each device decoding
     its rows `rows_per_call` at a time (lax.map): a 1000-image ImageNet grid would not fit one decoder call.
     Module-level with static arguments, so the stages of one process share the compiled decoder."""
-    from hd.eval.inception import quantize_to_uint8  # the quantisation FID uses: grids show what it scores
-
     n = latents.shape[0]
     per_device = -(-n // mesh.size)
     calls = -(-per_device // rows_per_call)
@@ -432,8 +432,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, command: Sequence[
         # Scores inside training: the evaluation's feature net and reference set, this stage's sampler.
         scorer = None
         if config.eval_every:
-            from hd.eval.evaluator import SampleScorer
-
             scorer = SampleScorer(config, os.path.join(workdir, "eval"))
 
         def write_scores(step: int) -> dict:  # on every process, like write_samples
@@ -553,8 +551,6 @@ def _resume(checkpointer: Checkpointer, workdir: str, abstract_state: Any, data:
 
 def _sync(name: str) -> None:
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 
