@@ -5,20 +5,11 @@ the defaults fit the CPU pipeline budget; the tiny ones run in seconds for tests
 teachers for accelerators.
 """
 
-from hd.config import base_config
-
-STAGES = ("teacher", "sketch", "refine", "eval")
+from hd.config import base_config, parse_variant
 
 
 def get_config(variant: str = "teacher"):
-    stage, _, size = variant.partition("_")
-    if variant == "tiny":
-        stage, size = "teacher", "tiny"
-    if variant in ("S", "B"):
-        stage, size = "teacher", variant
-    if stage not in STAGES or size not in ("", "tiny", "S", "B"):
-        raise ValueError(f"configs/fashion_mnist.py has no variant {variant!r}; use STAGE or STAGE_tiny with STAGE "
-                         f"in {STAGES}, 'tiny', 'S' or 'B'")
+    stage, size = parse_variant("configs/fashion_mnist.py", variant, sizes=("tiny", "S", "B"))
     c = base_config()
     c.stage = stage
     c.data.name = "fashion_mnist"

@@ -19,14 +19,11 @@ batches are split over both axes anyway, so nothing is computed twice. XL's hidd
 every fsdp size up to 128 chips; on bigger slices use e.g. --config.mesh.data=-1 --config.mesh.fsdp=64.
 """
 
-from hd.config import base_config
-
-STAGES = ("teacher", "sketch", "refine", "eval")
+from hd.config import base_config, parse_variant
 
 
 def get_config(variant: str = "teacher"):
-    if variant not in STAGES:
-        raise ValueError(f"configs/imagenet256.py has no variant {variant!r}; use one of {STAGES}")
+    variant, _ = parse_variant("configs/imagenet256.py", variant)
     c = base_config()
     c.stage = variant
 

@@ -12,17 +12,11 @@ Variants: teacher, sketch, refine, eval (also named tiny, sketch_tiny, refine_ti
 prepare_latents wrote (config.eval.reference_npz); all three are files you pass.
 """
 
-from hd.config import base_config
-
-STAGES = ("teacher", "sketch", "refine", "eval")
-ALIASES = {"tiny": "teacher", "sketch_tiny": "sketch", "refine_tiny": "refine", "eval_tiny": "eval"}
+from hd.config import base_config, parse_variant
 
 
 def get_config(variant: str = "teacher"):
-    stage = ALIASES.get(variant, variant)
-    if stage not in STAGES:
-        raise ValueError(f"configs/latent_tiny.py has no variant {variant!r}; use one of {STAGES} "
-                         f"(or {tuple(ALIASES)})")
+    stage, _ = parse_variant("configs/latent_tiny.py", variant, sizes=("tiny",))  # one size: tiny = the default
     c = base_config()
     c.stage = stage
 

@@ -3,18 +3,11 @@
 Variants: STAGE or STAGE_tiny for STAGE in teacher, sketch, refine, eval ("tiny" alone is the tiny teacher).
 """
 
-from hd.config import base_config
-
-STAGES = ("teacher", "sketch", "refine", "eval")
+from hd.config import base_config, parse_variant
 
 
 def get_config(variant: str = "teacher"):
-    stage, _, size = variant.partition("_")
-    if variant == "tiny":
-        stage, size = "teacher", "tiny"
-    if stage not in STAGES or size not in ("", "tiny"):
-        raise ValueError(f"configs/toy2d.py has no variant {variant!r}; use STAGE or STAGE_tiny with STAGE in "
-                         f"{STAGES}, or 'tiny'")
+    stage, size = parse_variant("configs/toy2d.py", variant, sizes=("tiny",))
     c = base_config()
     c.stage = stage
     c.data.name = "toy2d"

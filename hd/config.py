@@ -19,6 +19,18 @@ from ml_collections.config_flags import config_path
 STAGES = ("teacher", "sketch", "refine", "eval")
 
 
+def parse_variant(config_file: str, variant: str, sizes: tuple[str, ...] = ()) -> tuple[str, str]:
+    """A config file's variant string as (stage, size): 'STAGE', 'STAGE_SIZE', or a bare 'SIZE' for the teacher at
+    that size ('' = the file's default size). An unknown variant is an error naming the file and the choices."""
+    stage, _, size = variant.partition("_")
+    if variant in sizes:
+        stage, size = "teacher", variant
+    if stage not in STAGES or (size and size not in sizes):
+        choices = f"STAGE or STAGE_SIZE with SIZE in {sizes}, or a bare SIZE (the teacher)" if sizes else "STAGE"
+        raise ValueError(f"{config_file} has no variant {variant!r}; use {choices}, with STAGE in {STAGES}")
+    return stage, size
+
+
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.stage = "teacher"
