@@ -238,7 +238,8 @@ def test_interrupted_chunked_evaluation_resumes_to_the_identical_result(latent_s
 def test_evaluation_step_of_the_compile_check_is_the_evaluators(latent_setup):
     """hd.compile_check --target=eval compiles evaluation_step: decode + uint8 + Inception in one function. It
     computes what the evaluator's two programs compute, and its FLOPs are their sum."""
-    from hd.eval.evaluator import _lowered_flops, decode_to_uint8, evaluation_step
+    from hd.costs import lowered_cost
+    from hd.eval.evaluator import decode_to_uint8, evaluation_step
     from hd.eval.inception import abstract_inception_variables, inception_features, load_inception_params
     from hd.models.vae import abstract_params, load_vae
 
@@ -257,10 +258,9 @@ def test_evaluation_step_of_the_compile_check_is_the_evaluators(latent_setup):
 
     abstract = (abstract_params(vae.module), abstract_inception_variables(),
                 jax.ShapeDtypeStruct(latents.shape, jnp.float32))
-    total = _lowered_flops(jax.jit(step).lower(*abstract))
-    decode = _lowered_flops(jax.jit(decode_to_uint8(vae.decode_fn, 0.5)).lower(abstract[0], abstract[2]))
-    inception = _lowered_flops(jax.jit(inception_features).lower(
-        abstract[1], jax.ShapeDtypeStruct(images.shape, jnp.uint8)))
+    total = lowered_cost(step, abstract)["flops"]
+    decode = lowered_cost(decode_to_uint8(vae.decode_fn, 0.5), (abstract[0], abstract[2]))["flops"]
+    inception = lowered_cost(inception_features, (abstract[1], jax.ShapeDtypeStruct(images.shape, jnp.uint8)))["flops"]
     assert decode > 0 and total == pytest.approx(decode + inception, rel=1e-3)
 
 

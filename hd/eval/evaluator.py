@@ -30,6 +30,7 @@ from jax.experimental import multihost_utils
 
 from hd import flow, parallel, sampling, visualize
 from hd.checkpoint import read_ema_params
+from hd.costs import lowered_cost
 from hd.data import load_source
 from hd.eval import heatmaps
 from hd.eval.classifier import classify, reference_data, train_classifier
@@ -169,6 +170,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, rows: list[Row] | 
     data_shape = tuple(reference["x"].shape[1:])
     model = build_model(config.model, data_shape, config.data.num_classes)
     abstract = abstract_params(model, data_shape)
+    flops_per_evaluation = _flops_per_evaluation_cache(config, data_shape, abstract)
     # Read every checkpoint first: a missing or mismatched one fails before any sampling.
     params = {wd: read_ema_params(model, data_shape, wd)[0] for wd in {r.workdir for r in rows}}
 
@@ -204,7 +206,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, rows: list[Row] | 
         samples = np.concatenate(outputs)
         done_nfe, sampling_seconds = done_nfe + row.nfe, sampling_seconds + seconds
 
-        gflop = _model_flops_per_evaluation(config, row, data_shape, abstract, ev.cfg_scale) * row.nfe / 1e9
+        gflop = flops_per_evaluation(row) * row.nfe / 1e9
         entry = dict(model=row.name, sampler=row.sampler, steps=row.steps, nfe=row.nfe,
                      forward_passes=row.forward_passes(ev.cfg_scale), gflop_per_image=gflop, **scorer.score(samples),
                      n_samples=n, seconds_per_image=seconds / n, feature_net=scorer.features.kind,
@@ -435,12 +437,6 @@ def _to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def _lowered_flops(lowered) -> float:
-    cost = lowered.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost.get("flops", float("nan")))
-
-
 def decode_to_uint8(decode_fn: Any, scaling_factor: float) -> Any:
     """(vae_params, latents × scaling_factor) -> uint8 images: the VAE decodes unscaled latents, the diffusion
     model works on scaled ones; then inception.quantize_to_uint8."""
@@ -479,9 +475,9 @@ class _InceptionPipeline:
         else:
             self.vae_params = None
             to_images = lambda p, x: quantize_to_uint8(x)
+        features = lambda v, x: inception_features(v, x)
         self.decode = jax.jit(to_images, in_shardings=(replicated, self.batch), out_shardings=self.batch)
-        self.features = jax.jit(lambda v, x: inception_features(v, x), in_shardings=(replicated, self.batch),
-                                out_shardings=self.batch)
+        self.features = jax.jit(features, in_shardings=(replicated, self.batch), out_shardings=self.batch)
         self.bs = ev.batch_size
         sample = jax.ShapeDtypeStruct((self.bs, *data_shape), jnp.float32, sharding=self.batch)
         images = jax.eval_shape(to_images, self.vae_params, jax.ShapeDtypeStruct(sample.shape, sample.dtype))
@@ -491,8 +487,8 @@ class _InceptionPipeline:
         lowered_features = self.features.lower(self.variables, image_struct)
         self.decode_c, self.features_c = lowered_decode.compile(), lowered_features.compile()
         # FLOPs per image from XLA's cost analysis of the global (pre-partitioning) programs.
-        self.decode_flops = _lowered_flops(lowered_decode) / self.bs
-        self.inception_flops = _lowered_flops(lowered_features) / self.bs
+        self.decode_flops = lowered_cost(to_images, (self.vae_params, sample))["flops"] / self.bs
+        self.inception_flops = lowered_cost(features, (self.variables, image_struct))["flops"] / self.bs
 
     def images_and_features(self, samples: jax.Array) -> tuple[jax.Array, dict, float, float]:
         t0 = time.perf_counter()
@@ -555,6 +551,19 @@ def _reference(config: ml_collections.ConfigDict, pipeline: _InceptionPipeline, 
     return out
 
 
+def _flops_per_evaluation_cache(config: ml_collections.ConfigDict, data_shape: tuple[int, ...], abstract: Any):
+    """row -> _model_flops_per_evaluation, lowered once per (sampler kind, guidance) instead of once per row."""
+    cache = {}
+
+    def flops(row: Row) -> float:
+        key = (row.sampler == "mean_flow", row.cfg_scale)
+        if key not in cache:
+            cache[key] = _model_flops_per_evaluation(config, row, data_shape, abstract, config.eval.cfg_scale)
+        return cache[key]
+
+    return flops
+
+
 def _model_flops_per_evaluation(config: ml_collections.ConfigDict, row: Row, data_shape: tuple[int, ...],
                                 abstract: Any, cfg_scale: float) -> float:
     """FLOPs per image of one network evaluation of the row's sampler (both CFG branches when guided), from XLA's
@@ -575,7 +584,7 @@ def _model_flops_per_evaluation(config: ml_collections.ConfigDict, row: Row, dat
         scale = cfg_scale if row.cfg_scale is None else row.cfg_scale
         fn = lambda p, z, t, y: flow.guided_velocity(lambda z, t, y: apply(p, z, t, y), config.data.num_classes,
                                                      scale)(z, t, y)
-    return _lowered_flops(jax.jit(fn).lower(abstract, z, t, y)) / bs
+    return lowered_cost(fn, (abstract, z, t, y))["flops"] / bs
 
 
 def evaluate_inception(config: ml_collections.ConfigDict, workdir: str, rows: list[Row] | None = None) -> list[dict]:
@@ -590,6 +599,7 @@ def evaluate_inception(config: ml_collections.ConfigDict, workdir: str, rows: li
         data_shape = tuple(config.data.example_shape) or tuple(load_source(config.data).example_shape)
     model = build_model(config.model, data_shape, config.data.num_classes)
     abstract = abstract_params(model, data_shape)
+    flops_per_evaluation = _flops_per_evaluation_cache(config, data_shape, abstract)
     # Read every checkpoint first: a missing or mismatched one fails before any compilation.
     checkpoints = {wd: read_ema_params(model, data_shape, wd) for wd in {r.workdir for r in rows}}
     weights = {"inception": file_sha256(ev.inception_weights),
@@ -692,7 +702,7 @@ def evaluate_inception(config: ml_collections.ConfigDict, workdir: str, rows: li
             entry.update(precision_recall(reference["features"], pool, k=ev.nearest_k))
         else:
             entry.update(precision=None, recall=None)
-        sampler_flops = _model_flops_per_evaluation(config, row, data_shape, abstract, ev.cfg_scale) * row.nfe
+        sampler_flops = flops_per_evaluation(row) * row.nfe
         entry.update(
             class_consistency=None, n_samples=plan.num_samples,
             seconds_per_image=float(seconds.sum()) / plan.num_samples,

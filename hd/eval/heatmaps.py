@@ -14,8 +14,6 @@ repeated over its patch, one colour scale per panel (the panel's largest weight 
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any
 
 import flax.linen as nn
@@ -25,7 +23,7 @@ import ml_collections
 import numpy as np
 
 from hd import flow, visualize
-from hd.checkpoint import read_ema_params, read_items
+from hd.checkpoint import read_ema_params, read_items, read_stored_config
 from hd.config import feature_block as resolved_feature_block
 from hd.models import abstract_params, build_model, init_params
 from hd.models.heads import AWDHead, build_head, logit_weights
@@ -78,21 +76,16 @@ def awd_heatmap_grid(samples: np.ndarray, weights: dict[str, np.ndarray], rows: 
     return np.concatenate([p for panel in panels for p in (panel, spacer)][:-1], axis=1)
 
 
-def _stored_config(workdir: str) -> ml_collections.ConfigDict:
-    with open(os.path.join(workdir, "config.json")) as f:
-        content = json.load(f)
-    content.pop("sources", None)
-    return ml_collections.ConfigDict(content)
-
-
 def run_heatmap_grid(workdir: str, samples: np.ndarray, labels: np.ndarray, rows: int, upscale: int = 3,
                      t: float = HEATMAP_T, seed: int = 0) -> np.ndarray | None:
     """The heat-map image (awd_heatmap_grid) of the AWD head of the refine run in `workdir`, on `samples`
     (generated with `labels`), from its newest checkpoint; None when the run is not a refine stage with an
     AWD head (teacher and sketch rows, GAP/conv heads, no GAN)."""
-    if not os.path.exists(os.path.join(workdir, "config.json")):
+    stored = read_stored_config(workdir)
+    if stored is None:
         return None
-    config = _stored_config(workdir)
+    stored.pop("sources", None)  # not a config key
+    config = ml_collections.ConfigDict(stored)
     if config.get("stage") != "refine" or config.refine.gan_head != "awd":
         return None
     cfg = config.refine

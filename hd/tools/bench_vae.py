@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from hd.bench import _first, lowered_cost
+from hd.costs import cost_dict, lowered_cost
 from hd.models import vae as vae_lib
 
 
@@ -36,7 +36,7 @@ def measure(fn: Callable, args: tuple, *, batch: int, runs: int, warmup: int) ->
     compiled = jax.jit(fn).lower(*args).compile()
     compile_s = time.perf_counter() - t0
     flops = lowered_cost(fn, args)["flops"]  # lowered for the CPU: the same HLO count on every backend
-    compiled_flops = float(_first(compiled.cost_analysis()).get("flops", float("nan")))
+    compiled_flops = float(cost_dict(compiled.cost_analysis()).get("flops", float("nan")))
     times = []
     for i in range(warmup + runs):
         t0 = time.perf_counter()

@@ -25,7 +25,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from hd import parallel, visualize
 from hd.checkpoint import (Checkpointer, DiskFullError, WriterLock, abstract_like, complete_steps, is_disk_full,
                            move_steps_aside, read_stored_config)
-from hd.config import (check_example_shape, config_changes, format_changes, run_defining_changes, validate)
+from hd.config import (check_example_shape, config_changes, flat_config, format_changes, run_defining_changes,
+                       validate)
 from hd.data import make_batch_iterator
 from hd.eval.evaluator import SampleScorer
 from hd.eval.inception import quantize_to_uint8
@@ -413,7 +414,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, command: Sequence[
             multi = jax.process_count() > 1
             parameter_overview.log_parameter_overview(state.params, include_stats="global" if multi else True,
                                                       jax_logging_process=0 if multi else None)
-            writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()})
+            writer.write_hparams({k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
+                                 for k, v in flat_config(config.to_dict()).items()})
         progress = periodic_actions.ReportProgress(num_train_steps=config.num_steps, writer=writer,
                                                    every_steps=config.log_every)
 
@@ -557,19 +559,9 @@ def _sync(name: str) -> None:
 def _clear_restore_step(config: ml_collections.ConfigDict, workdir: str) -> None:
     """After a divergence, let the next start apply config.restore_step again, even the same value (it acts
     once per value recorded in config.json, so a rerun after a preemption does not go back)."""
-    path = epath.Path(workdir) / "config.json"
-    if jax.process_index() != 0 or config.restore_step in (0, -1) or not path.exists():
+    content = read_stored_config(workdir) if jax.process_index() == 0 and config.restore_step not in (0, -1) else None
+    if content is None:
         return
-    content = json.loads(path.read_text())
     content["restore_step"] = 0
-    _replace_text(path, json.dumps(content, indent=2))
+    _replace_text(epath.Path(workdir) / "config.json", json.dumps(content, indent=2))
 
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
-    return out
