@@ -128,10 +128,11 @@ class Attention(nn.Module):
 
 
 class MidBlock(nn.Module):
+    """UNetMidBlock2D without time embedding: resnet, optional attention, resnet, all at one width."""
     features: int
     num_groups: int
-    add_attention: bool = True
     dtype: Any = jnp.float32
+    add_attention: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -147,12 +148,15 @@ class Resample(nn.Module):
     down: bool
     dtype: Any = jnp.float32
 
-    @nn.compact
+    def setup(self) -> None:
+        stride, padding = (2, ((0, 1), (0, 1))) if self.down else (1, "SAME")
+        self.conv = nn.Conv(self.features, (3, 3), strides=(stride, stride), padding=padding, dtype=self.dtype,
+                            param_dtype=jnp.float32)
+
     def __call__(self, x: jax.Array) -> jax.Array:
-        if self.down:
-            return _conv(self.features, 3, self.dtype, "conv", stride=2, padding=((0, 1), (0, 1)))(x)
-        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-        return _conv(self.features, 3, self.dtype, "conv")(x)
+        if not self.down:
+            x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        return self.conv(x)
 
 
 class Stage(nn.Module):
@@ -188,8 +192,8 @@ class Encoder(nn.Module):
         for i, features in enumerate(self.block_out_channels):
             x = Stage(features, self.layers_per_block, self.num_groups, "down" if i < last else "", self.dtype,
                       name=f"down_blocks_{i}")(x)
-        x = MidBlock(self.block_out_channels[-1], self.num_groups, self.mid_attention, self.dtype,
-                     name="mid_block")(x)
+        x = MidBlock(self.block_out_channels[-1], self.num_groups, self.dtype,
+                     add_attention=self.mid_attention, name="mid_block")(x)
         x = nn.silu(GroupNorm(self.num_groups, self.dtype, name="conv_norm_out")(x))
         return _conv(self.out_channels, 3, self.dtype, "conv_out")(x)
 
@@ -205,8 +209,8 @@ class Decoder(nn.Module):
     @nn.compact
     def __call__(self, z: jax.Array) -> jax.Array:
         x = _conv(self.block_out_channels[-1], 3, self.dtype, "conv_in")(z.astype(self.dtype))
-        x = MidBlock(self.block_out_channels[-1], self.num_groups, self.mid_attention, self.dtype,
-                     name="mid_block")(x)
+        x = MidBlock(self.block_out_channels[-1], self.num_groups, self.dtype,
+                     add_attention=self.mid_attention, name="mid_block")(x)
         reversed_channels = self.block_out_channels[::-1]
         last = len(reversed_channels) - 1
         for i, features in enumerate(reversed_channels):
