@@ -1,15 +1,16 @@
 """Fashion-MNIST (28x28x1, 10 classes) from the Debian package dataset-fashion-mnist.
 
-Variants: STAGE or STAGE_tiny for STAGE in teacher, sketch, refine, eval ("tiny" alone is the tiny teacher):
-the defaults fit the CPU pipeline budget; the tiny ones run in seconds for tests. S and B are bigger
-teachers for accelerators.
+Variants: STAGE, STAGE_tiny or STAGE_quality for STAGE in teacher, sketch, refine, eval ("tiny" or "quality"
+alone is that teacher): the defaults fit the 20-minute CPU pipeline budget; the tiny ones run in seconds for
+tests; the quality ones (hd.pipeline / hd.ablation --profile=quality) train every stage longer, within an hour
+of 2 CPU cores, and score the refine stage during training. S and B are bigger teachers for accelerators.
 """
 
 from hd.config import base_config, parse_variant
 
 
 def get_config(variant: str = "teacher"):
-    stage, size = parse_variant("configs/fashion_mnist.py", variant, sizes=("tiny", "S", "B"))
+    stage, size = parse_variant("configs/fashion_mnist.py", variant, sizes=("tiny", "quality", "S", "B"))
     c = base_config()
     c.stage = stage
     c.data.name = "fashion_mnist"
@@ -85,6 +86,20 @@ def get_config(variant: str = "teacher"):
         c.eval.classifier_steps = 20
         c.eval.teacher_euler_steps = (1, 4)
         c.eval.teacher_heun_steps = (2,)
+    elif size == "quality":
+        # 2.5x the teacher's and 2x the sketch's steps, 4x the refine steps; the refine stage is scored every 125
+        # steps on the evaluation's features (same classifier recipe, so one cached classifier serves both).
+        c.num_steps = {"teacher": 3000, "sketch": 600, "refine": 1000}.get(stage, c.num_steps)
+        c.sample_every = {"teacher": 1000, "sketch": 300, "refine": 250}.get(stage, c.sample_every)
+        if stage == "refine":
+            c.checkpoint_every = 250
+            c.eval_every = 125
+            c.eval.num_samples = 1000
+            c.eval.batch_size = 500
+            c.eval.classifier_steps = 4000
+        if stage == "eval":  # up to the teacher's best step counts (the ablation's teacher rows)
+            c.eval.teacher_euler_steps = (1, 4, 16, 64)
+            c.eval.teacher_heun_steps = (8,)
     elif size in ("S", "B"):
         c.model.size = size
         c.model.patch_size = 2

@@ -38,6 +38,7 @@ SEED_METRICS = ("fd", "precision", "recall", "class_consistency", "seconds_per_i
 # The teacher from one step to the many-step result a one-step generator is measured against.
 TEACHER_ROWS = {"default": (("euler", 1), ("euler", 4), ("euler", 16), ("euler", 64), ("heun", 8)),
                 "tiny": (("euler", 1), ("euler", 4))}
+TEACHER_ROWS["quality"] = TEACHER_ROWS["default"]
 # Refine rows: name -> overrides of the refine config.
 REFINE_ROWS = {
     "teacher_dmd_awd": {"generator_init": "teacher", "gan_head": "awd"},  # DMD + AWD from the teacher, no sketch

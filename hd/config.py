@@ -156,6 +156,9 @@ def base_config() -> ml_collections.ConfigDict:
         batch_size=500,
         feature_net="classifier",  # classifier (trained here, cached) | inception (weights file)
         classifier_steps=1500,
+        # Where a trained stage's in-training scorer (eval_every) caches its classifier; '' = WORKDIR/eval.
+        # hd.pipeline points every stage at the evaluation's directory: one classifier for the whole run.
+        feature_dir="",
         inception_weights="",
         inception_sha256="",
         reference_npz="",  # ADM-style statistics (mu, sigma); '' = features of the test split

@@ -50,6 +50,7 @@ from hd.train import loop
 VARIANTS = {
     "default": {"teacher": "teacher", "sketch": "sketch", "refine": "refine", "eval": "eval"},
     "tiny": {"teacher": "tiny", "sketch": "sketch_tiny", "refine": "refine_tiny", "eval": "eval_tiny"},
+    "quality": {"teacher": "quality", "sketch": "sketch_quality", "refine": "refine_quality", "eval": "eval_quality"},
 }
 TRAINED = ("teacher", "sketch", "refine")
 PLAN_FILE = "pipeline.json"  # in WORKDIR: the source steps each stage was built from
@@ -89,6 +90,8 @@ def stage_configs(config_path: str, workdir: str, profile: str = "default",
     configs["sketch"].sketch.teacher_workdir = dirs["teacher"]
     configs["refine"].refine.teacher_workdir = dirs["teacher"]
     configs["refine"].refine.sketch_workdir = dirs["sketch"]
+    for stage in TRAINED:
+        configs[stage].eval.feature_dir = dirs["eval"]
     configs["eval"].eval.teacher_workdir = dirs["teacher"]
     configs["eval"].eval.students = f"sketch={dirs['sketch']},refine={dirs['refine']}"
     return configs

@@ -17,11 +17,31 @@ from hd.config import validate
 
 
 @pytest.mark.parametrize("name,variant", [("toy2d", "teacher"), ("toy2d", "tiny"), ("fashion_mnist", "teacher"),
-                                          ("fashion_mnist", "tiny"), ("fashion_mnist", "S")])
+                                          ("fashion_mnist", "tiny"), ("fashion_mnist", "S"),
+                                          ("fashion_mnist", "quality")])
 def test_shipped_configs_validate(name, variant):
     config = load_config(name, variant)
     validate(config, num_devices=1)
     validate(config, num_devices=8 if config.batch_size % 8 == 0 else 1)
+
+
+def test_quality_profile_trains_longer_and_scores_refine_with_the_evaluation_classifier(tmp_path):
+    from hd.config import check_values
+    from hd.eval.classifier import recipe
+    from hd.pipeline import TRAINED, stage_configs
+
+    default = stage_configs("configs/fashion_mnist.py", str(tmp_path), "default")
+    quality = stage_configs("configs/fashion_mnist.py", str(tmp_path), "quality")
+    for stage in TRAINED:
+        check_values(quality[stage], num_devices=1)
+        assert quality[stage].num_steps > default[stage].num_steps
+        assert quality[stage].batch_size == default[stage].batch_size
+    refine, ev = quality["refine"], quality["eval"]
+    assert refine.eval_every > 0 and refine.num_steps % refine.eval_every == 0
+    # One classifier cache serves the in-training scores and the evaluation: same data config and recipe.
+    key = lambda c: (c.data.to_dict(), recipe(c.data, num_steps=c.eval.classifier_steps, batch_size=128, seed=0))
+    assert key(refine) == key(ev) and refine.eval.num_samples == ev.eval.num_samples
+    assert max(ev.eval.teacher_euler_steps) >= 64 and ev.eval.teacher_heun_steps
 
 
 @pytest.mark.parametrize("num_devices", [3, 5, 32])

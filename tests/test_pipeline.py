@@ -127,3 +127,24 @@ def test_training_scores_samples_every_n_steps(tmp_path):
         assert key in metrics and metrics[key] == metrics[key]  # present and not NaN
     assert metrics["eval/fd"] >= 0 and 0 <= metrics["eval/class_consistency"] <= 1
     assert (tmp_path / "teacher" / "eval" / "feature_net" / "classifier.json").exists()
+
+
+def test_stages_score_with_the_evaluation_classifier(tmp_path):
+    """hd.pipeline points every trained stage's in-training scorer at the evaluation's classifier cache: it is
+    trained once, by the first stage that scores, and found by the next instead of trained again."""
+    from conftest import load_config
+    from hd.train.loop import train
+
+    configs = pipeline.stage_configs(CONFIG, str(tmp_path), "tiny")
+    assert {configs[s].eval.feature_dir for s in pipeline.TRAINED} == {str(tmp_path / "eval")}
+    assert configs["eval"].eval.feature_dir == ""  # the evaluation caches in its own directory
+    shared = tmp_path / "eval"
+    overrides = {"eval_every": 3, "eval.num_samples": 200, "eval.classifier_steps": 30,
+                 "eval.feature_dir": str(shared)}
+    first = train(load_config("toy2d", "tiny", overrides), str(tmp_path / "a"))
+    record = shared / "feature_net" / "classifier.json"
+    stamp = record.stat().st_mtime_ns
+    second = train(load_config("toy2d", "tiny", {**overrides, "seed": 1}), str(tmp_path / "b"))
+    assert record.stat().st_mtime_ns == stamp  # found, not retrained
+    assert not (tmp_path / "a" / "eval").exists() and not (tmp_path / "b" / "eval").exists()
+    assert first["eval/fd"] >= 0 and second["eval/fd"] >= 0 and first["eval/fd"] != second["eval/fd"]

@@ -28,6 +28,7 @@ from hd.checkpoint import (Checkpointer, DiskFullError, WriterLock, abstract_lik
 from hd.config import (check_example_shape, config_changes, flat_config, format_changes, run_defining_changes,
                        validate)
 from hd.data import make_batch_iterator
+from hd.eval import heatmaps
 from hd.eval.evaluator import SampleScorer
 from hd.eval.inception import quantize_to_uint8
 from hd.models.vae import CONFIG_NAME, WEIGHTS_NAME, load_vae
@@ -339,6 +340,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, command: Sequence[
     sample = jax.jit(stage.sample, out_shardings=parallel.replicated(mesh))
     grid_noise, grid_labels = grid_inputs(config, data_shape)  # uncommitted: the same on every process
     decode_grid = grid_decoder(grid_vae, mesh) if grid_vae is not None else None
+    # Where the AWD head looks on the grid samples (refine with an AWD head, on images), jitted once and computed
+    # from the live critic. Not for latents decoded for the grid: the token grid lies on the latents, and an
+    # overlay on the decoded RGB images is not drawn.
+    weigh = (jax.jit(stage.token_weights, out_shardings=parallel.replicated(mesh))
+             if stage.token_weights is not None and decode_grid is None else None)
 
     # Compile the step and trace the sampler before the work directory is touched, so a value that only fails
     # here (e.g. a patch size that does not tile the image) leaves an existing run as it was. The loop runs
@@ -353,6 +359,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, command: Sequence[
     grid_shape = jax.eval_shape(stage.sample, abstract_state, stage.frozen, grid_noise, grid_labels)
     if decode_grid is not None:
         jax.eval_shape(decode_grid, grid_shape)  # latents the VAE cannot decode fail here, not at the first grid
+    if weigh is not None:
+        jax.eval_shape(stage.token_weights, abstract_state, stage.frozen, grid_shape, grid_labels)
 
     # From here on the work directory is written: by this job alone (the lock); a full disk is one clear error.
     with _writing(workdir, lock) as status:
@@ -422,19 +430,27 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, command: Sequence[
         def write_samples(step: int) -> None:  # on every process: the sampler is a collective
             t0 = time.perf_counter()
             images = sample(state, frozen, grid_noise, grid_labels)
+            weights = None if weigh is None else heatmaps.host_weights(
+                jax.device_get(weigh(state, frozen, images, grid_labels)))
             if decode_grid is not None:
                 images = decode_grid(images)  # uint8 RGB
             images = np.asarray(jax.device_get(images))
             grid = render_samples(config, images)
+            pictures = {"samples": grid}
+            if weights is not None:  # the evaluation's layout: one row per class, images at 3x
+                pictures["awd_heatmaps"] = heatmaps.awd_heatmap_grid(images, weights, config.data.num_classes)
             if jax.process_index() == 0:
-                visualize.save_png(grid, os.path.join(workdir, "samples", f"step_{step:07d}.png"))
-            writer.write_images(step, {"samples": grid[None]})
+                path = os.path.join(workdir, "samples", f"step_{step:07d}")
+                visualize.save_png(grid, path + ".png")
+                if weights is not None:
+                    visualize.save_png(pictures["awd_heatmaps"], path + "_awd.png")
+            writer.write_images(step, {name: picture[None] for name, picture in pictures.items()})
             writer.write_scalars(step, {"sample_seconds": time.perf_counter() - t0})
 
         # Scores inside training: the evaluation's feature net and reference set, this stage's sampler.
         scorer = None
         if config.eval_every:
-            scorer = SampleScorer(config, os.path.join(workdir, "eval"))
+            scorer = SampleScorer(config, config.eval.feature_dir or os.path.join(workdir, "eval"))
 
         def write_scores(step: int) -> dict:  # on every process, like write_samples
             samples = np.asarray(jax.device_get(sample(state, frozen, scorer.noise, scorer.labels)))
