@@ -26,8 +26,9 @@ import jax
 import numpy as np
 from absl import flags, logging
 
-from hd import cli
+from hd import cli, visualize
 from hd.eval import evaluator
+from hd.eval.curves import read_scalar_curves
 from hd.eval.evaluator import Row, results_table, write_results
 from hd.pipeline import VARIANTS, finished, stage_configs, stage_dirs
 from hd.train import loop
@@ -146,6 +147,32 @@ def write_seed_summary(summary: list[dict], directory: str, name: str = "ablatio
     os.replace(path + ".md.tmp", path + ".md")
 
 
+def write_curves(curves: dict[str, dict[str, list[tuple[int, float]]]], directory: str) -> None:
+    """The refine rows' in-training scores ({row: read_scalar_curves(row's workdir)}) as curves.json (every tag),
+    curves.md (FD and recall per scored step, a column per row) and curves.png (FD against the refine step)."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, "curves")
+    with open(path + ".json.tmp", "w") as f:
+        json.dump(curves, f, indent=2)
+    os.replace(path + ".json.tmp", path + ".json")
+    rows = [name for name in curves if curves[name].get("eval/fd")]
+    if not rows:
+        return
+    steps = sorted({s for name in rows for s, _ in curves[name]["eval/fd"]})
+    lookup = {(name, tag): dict(curves[name].get(tag, [])) for name in rows for tag in ("eval/fd", "eval/recall")}
+    cell = lambda name, tag, s: "–" if s not in lookup[name, tag] else f"{lookup[name, tag][s]:.3f}"
+    lines = ["One-step samples of each refine row scored during training (config.eval_every): FD / recall.", "",
+             "| refine step | " + " | ".join(rows) + " |", "|" + "---|" * (len(rows) + 1)]
+    lines += [f"| {s} | " + " | ".join(f"{cell(n, 'eval/fd', s)} / {cell(n, 'eval/recall', s)}" for n in rows) + " |"
+              for s in steps]
+    with open(path + ".md.tmp", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(path + ".md.tmp", path + ".md")
+    chart = visualize.line_chart({name: curves[name]["eval/fd"] for name in rows}, title="one-step FD during refine",
+                                 x_label="refine step", y_label="FD")
+    visualize.save_png(chart, path + ".png")
+
+
 def _run_one_seed(config_path: str, workdir: str, profile: str, overrides: tuple[str, ...],
                   feature_workdir: str | None = None, write: bool = True) -> list[dict]:
     """One ablation in `workdir`: trains what is missing, scores every row; writes ablation.{json,md} if `write`."""
@@ -169,6 +196,9 @@ def _run_one_seed(config_path: str, workdir: str, profile: str, overrides: tuple
             logging.info("=== ablation row %s -> %s", name, row_dir)
             loop.train(config, row_dir)
         rows.append(Row(name, row_dir, "mean_flow", 1))
+
+    if configs["refine"].eval_every and jax.process_index() == 0:
+        write_curves({r.name: read_scalar_curves(r.workdir) for r in rows if r.name in REFINE_ROWS}, out)
 
     # The pipeline's evaluation directory holds the classifier: scored with the same features, not retrained.
     entries = evaluator.evaluate(configs["eval"], os.path.join(out, "eval"), rows,

@@ -78,3 +78,49 @@ def save_png(image: np.ndarray, path: str) -> None:
     target = epath.Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(buffer.getvalue())
+
+
+_PALETTE = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207))
+
+
+def line_chart(series: dict[str, list[tuple[float, float]]], *, title: str, x_label: str, y_label: str,
+               size: tuple[int, int] = (720, 420)) -> np.ndarray:
+    """Curves {name: [(x, y), ...]} as one uint8 RGB chart [H, W, 3]: linear axes from the data's range, five
+    labelled ticks per axis, a marker at every point, a legend in the top right. Names keep the given order."""
+    from PIL import ImageDraw  # the drawing module only here: grids are plain arrays
+
+    if not series or not all(series.values()):
+        raise ValueError(f"line_chart needs at least one point per curve, got {({k: len(v) for k, v in series.items()})}")
+    width, height = size
+    left, right, top, bottom = 70, 20, 30, 45
+    xs = np.array([x for points in series.values() for x, _ in points], np.float64)
+    ys = np.array([y for points in series.values() for _, y in points], np.float64)
+    x0, x1 = float(xs.min()), float(xs.max()) if xs.max() > xs.min() else float(xs.min()) + 1.0
+    pad = 0.05 * (ys.max() - ys.min() or abs(ys.max()) or 1.0)
+    y0, y1 = float(ys.min() - pad), float(ys.max() + pad)
+    px = lambda x: left + (x - x0) / (x1 - x0) * (width - left - right)
+    py = lambda y: height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom)
+
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([left, top, width - right, height - bottom], outline=(0, 0, 0))
+    for i in range(5):
+        x, y = x0 + i * (x1 - x0) / 4, y0 + i * (y1 - y0) / 4
+        draw.line([px(x), height - bottom, px(x), height - bottom + 4], fill=(0, 0, 0))
+        draw.text((px(x) - 12, height - bottom + 6), f"{x:g}", fill=(0, 0, 0))
+        draw.line([left - 4, py(y), left, py(y)], fill=(0, 0, 0))
+        draw.text((6, py(y) - 6), f"{y:.4g}", fill=(0, 0, 0))
+    draw.text((left, 8), title, fill=(0, 0, 0))
+    draw.text(((width - len(x_label) * 6) // 2, height - 16), x_label, fill=(0, 0, 0))
+    draw.text((6, top - 22), y_label, fill=(0, 0, 0))
+    for k, (name, points) in enumerate(series.items()):
+        colour = _PALETTE[k % len(_PALETTE)]
+        xy = [(px(x), py(y)) for x, y in sorted(points)]
+        if len(xy) > 1:
+            draw.line(xy, fill=colour, width=2)
+        for x, y in xy:
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+        ly = top + 8 + 14 * k
+        draw.line([width - right - 170, ly + 5, width - right - 150, ly + 5], fill=colour, width=3)
+        draw.text((width - right - 145, ly), name, fill=(0, 0, 0))
+    return np.asarray(image)

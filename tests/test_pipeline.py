@@ -8,8 +8,12 @@ import sys
 import time
 
 
-from hd import pipeline
+import numpy as np
+from PIL import Image
+
+from hd import ablation, pipeline, visualize
 from hd.checkpoint import latest_step
+from hd.eval.curves import read_scalar_curves
 
 from conftest import complete_checkpoints
 
@@ -54,7 +58,6 @@ def test_pipeline_runs_every_stage_then_skips_everything(tmp_path, monkeypatch):
     # pipeline's refine stage) and scores every row with the same evaluation.
     import hd.eval.evaluator
     import hd.train.loop
-    from hd import ablation
 
     trained = []
     real_train = hd.train.loop.train
@@ -127,6 +130,29 @@ def test_training_scores_samples_every_n_steps(tmp_path):
         assert key in metrics and metrics[key] == metrics[key]  # present and not NaN
     assert metrics["eval/fd"] >= 0 and 0 <= metrics["eval/class_consistency"] <= 1
     assert (tmp_path / "teacher" / "eval" / "feature_net" / "classifier.json").exists()
+    # The same scores read back from the event files, at every eval_every step and the last one.
+    curves = read_scalar_curves(str(tmp_path / "teacher"))
+    steps = [s for s, _ in curves["eval/fd"]]
+    assert steps == sorted({*range(config.eval_every, config.num_steps + 1, config.eval_every), config.num_steps})
+    for key in ("eval/fd", "eval/recall"):
+        assert abs(curves[key][-1][1] - metrics[key]) <= 1e-6 * max(1.0, abs(metrics[key]))
+
+
+def test_ablation_writes_refine_curves(tmp_path):
+    curves = {"teacher_dmd_awd": {"eval/fd": [(125, 9.5), (250, 4.25)], "eval/recall": [(125, 0.1), (250, 0.3)]},
+              "sketch_dmd_awd": {"eval/fd": [(125, 3.0), (250, 2.5)], "eval/recall": [(250, 0.5)]},
+              "sketch_dmd": {}}  # a row that wrote no scores has no column
+    ablation.write_curves(curves, str(tmp_path))
+    with open(tmp_path / "curves.json") as f:
+        assert json.load(f) == {k: {t: [list(p) for p in v] for t, v in c.items()} for k, c in curves.items()}
+    table = (tmp_path / "curves.md").read_text().splitlines()
+    assert table[2] == "| refine step | teacher_dmd_awd | sketch_dmd_awd |"
+    assert table[4:] == ["| 125 | 9.500 / 0.100 | 3.000 / – |", "| 250 | 4.250 / 0.300 | 2.500 / 0.500 |"]
+    chart = np.asarray(Image.open(tmp_path / "curves.png"))
+    assert chart.shape == (420, 720, 3)
+    for colour in visualize._PALETTE[:2]:  # one line per row with scores
+        assert (chart == colour).all(axis=-1).sum() > 50
+    assert not (chart == visualize._PALETTE[2]).all(axis=-1).any()
 
 
 def test_stages_score_with_the_evaluation_classifier(tmp_path):

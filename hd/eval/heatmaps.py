@@ -14,6 +14,7 @@ repeated over its patch, one colour scale per panel (the panel's largest weight 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -31,29 +32,38 @@ from hd.models.heads import AWDHead, build_head, logit_weights
 HEATMAP_T = 0.5  # noise level of the heat maps: the middle of the discriminator's t_d range [0.02, 0.98]
 
 
+def token_weights(model: nn.Module, head: nn.Module, feature_params: Any, head_params: Any, samples: jax.Array,
+                  labels: jax.Array, *, feature_block: int, t: float = HEATMAP_T, seed: int = 0
+                  ) -> dict[str, jax.Array]:
+    """Token weights [N, T] of `head` on `samples` [N, H, W, C] noised to `t` with noise from `seed`, as the
+    discriminator sees them: {'attention': ... (AWD attention heads only), 'logit': ...}, each row summing to 1.
+    Traceable: awd_token_weights jits it for a checkpoint, the refine stage (Stage.token_weights) for its live
+    critic inside training, so the two heat maps of one state agree."""
+    attention = isinstance(head, AWDHead) and head.weighting == "attention"
+    temperature = head.temperature if isinstance(head, AWDHead) else 1.0
+    samples, labels = jnp.asarray(samples, jnp.float32), jnp.asarray(labels, jnp.int32)
+    t_vec = jnp.full((samples.shape[0],), t, jnp.float32)
+    noised = flow.interpolate(samples, jax.random.normal(jax.random.PRNGKey(seed), samples.shape), t_vec)
+    _, tokens = model.apply({"params": feature_params}, noised, t_vec, t_vec * 0, labels,
+                            return_tokens_at=feature_block)
+    logits, weights = head.apply({"params": head_params}, tokens, for_generator=False)
+    out = {"logit": logit_weights(logits, temperature).mean(axis=-1)}
+    if attention:
+        out["attention"] = weights.mean(axis=-1)
+    return out
+
+
+def host_weights(weights: dict[str, jax.Array]) -> dict[str, np.ndarray]:
+    """token_weights' output as numpy arrays, attention first: the order of the panels in awd_heatmap_grid."""
+    return {name: np.asarray(weights[name]) for name in ("attention", "logit") if name in weights}
+
+
 def awd_token_weights(model: nn.Module, head: nn.Module, feature_params: Any, head_params: Any, samples: jax.Array,
                       labels: jax.Array, *, feature_block: int, t: float = HEATMAP_T, seed: int = 0
                       ) -> dict[str, np.ndarray]:
-    """Token weights [N, T] of `head` on `samples` [N, H, W, C] noised to `t` with noise from `seed`, as the
-    discriminator sees them: {'attention': ... (AWD attention heads only), 'logit': ...}, each row summing to 1."""
-    attention = isinstance(head, AWDHead) and head.weighting == "attention"
-    temperature = head.temperature if isinstance(head, AWDHead) else 1.0
-
-    @jax.jit  # one compiled call: the model op by op is many times slower on a CPU
-    def weigh(feature_params, head_params, samples, labels):
-        t_vec = jnp.full((samples.shape[0],), t, jnp.float32)
-        noised = flow.interpolate(samples, jax.random.normal(jax.random.PRNGKey(seed), samples.shape), t_vec)
-        _, tokens = model.apply({"params": feature_params}, noised, t_vec, t_vec * 0, labels,
-                                return_tokens_at=feature_block)
-        logits, weights = head.apply({"params": head_params}, tokens, for_generator=False)
-        out = {"logit": logit_weights(logits, temperature).mean(axis=-1)}
-        if attention:
-            out["attention"] = weights.mean(axis=-1)
-        return out
-
-    out = weigh(feature_params, head_params, jnp.asarray(samples, jnp.float32), jnp.asarray(labels, jnp.int32))
-    # Attention first: the order of the panels in awd_heatmap_grid.
-    return {name: np.asarray(out[name]) for name in ("attention", "logit") if name in out}
+    """token_weights in one compiled call (the model op by op is many times slower on a CPU), as numpy arrays."""
+    weigh = jax.jit(functools.partial(token_weights, model, head, feature_block=feature_block, t=t, seed=seed))
+    return host_weights(weigh(feature_params, head_params, samples, labels))
 
 
 def awd_heatmap_grid(samples: np.ndarray, weights: dict[str, np.ndarray], rows: int, upscale: int = 3,

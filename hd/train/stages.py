@@ -18,6 +18,7 @@ from absl import logging
 from hd import flow
 from hd.checkpoint import describe_source, read_ema_params
 from hd.config import critic_optimizer, feature_block
+from hd.eval import heatmaps
 from hd.models import abstract_params, build_model, init_params
 from hd.models.heads import build_head
 from hd.sampling import mean_flow_sampler, ode_sampler
@@ -33,6 +34,9 @@ class Stage:
     sample: Callable[[Any, Any, jax.Array, jax.Array], jax.Array]  # (state, frozen, noise, labels) -> x
     frozen: Any = None  # read-only trees the step and sampler take as inputs (never saved by this stage)
     sample_nfe: int = 1
+    # (state, frozen, samples, labels) -> {'attention'?, 'logit'}: [N, T] token weights of the stage's AWD head
+    # on image samples (hd.eval.heatmaps.token_weights), for heat maps beside the sample grids; None without one.
+    token_weights: Callable[[Any, Any, jax.Array, jax.Array], dict[str, jax.Array]] | None = None
 
 
 def teacher_stage(config: ml_collections.ConfigDict, data_shape: tuple[int, ...]) -> Stage:
@@ -97,6 +101,11 @@ def refine_stage(config: ml_collections.ConfigDict, data_shape: tuple[int, ...],
             critic["head"] = head.init(key, tokens)["params"]
         return RefineState.create(jax.tree.map(jnp.array, generator), critic, optimizer, critic_opt)
 
+    def token_weights(state, frozen, samples, labels):  # the live critic: features as the step reads them
+        features = state.critic_params["fake_score"] if cfg.feature_net == "fake_score" else frozen
+        return heatmaps.token_weights(model, head, features, state.critic_params["head"], samples, labels,
+                                      feature_block=block)
+
     return Stage(
         name="refine",
         init_state=init_state,
@@ -106,6 +115,8 @@ def refine_stage(config: ml_collections.ConfigDict, data_shape: tuple[int, ...],
         sample=lambda state, frozen, noise, labels: sampler(state.ema_params, noise, labels),
         frozen=teacher,
         sample_nfe=config.sample.num_steps,
+        # Heat maps are drawn over images, for the AWD head only (as the evaluation's, run_heatmap_grid).
+        token_weights=token_weights if cfg.gan_head == "awd" and len(data_shape) == 3 else None,
     )
 
 
