@@ -19,7 +19,6 @@ seeds, with every seed's value in the JSON. Every seed is scored with WORKDIR's 
 from __future__ import annotations
 
 import copy
-import json
 import os
 
 import jax
@@ -30,6 +29,7 @@ from hd import cli, visualize
 from hd.eval import evaluator
 from hd.eval.curves import read_scalar_curves
 from hd.eval.evaluator import Row, results_table, write_results
+from hd.files import replace_json, replace_text
 from hd.pipeline import VARIANTS, finished, stage_configs, stage_dirs
 from hd.train import loop
 
@@ -134,17 +134,13 @@ def write_seed_summary(summary: list[dict], directory: str, name: str = "ablatio
     """NAME.json (every field, per-seed values included) and NAME.md (a note on seeds and features, the table)."""
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, name)
-    with open(path + ".json.tmp", "w") as f:
-        json.dump(summary, f, indent=2)
-    os.replace(path + ".json.tmp", path + ".json")
+    replace_json(path + ".json", summary)
     first = summary[0]
     accuracy = first["feature_net_test_accuracy"]
     note = (f"Mean ± sample standard deviation (ddof=1) over seeds {', '.join(map(str, first['seeds']))}; "
             f"{first['n_samples']} samples per row and seed; features: {first['feature_net']}"
             + (f" (test accuracy {accuracy:.4f})" if accuracy else "") + ".\n\n")
-    with open(path + ".md.tmp", "w") as f:
-        f.write(note + seed_table(summary) + "\n")
-    os.replace(path + ".md.tmp", path + ".md")
+    replace_text(path + ".md", note + seed_table(summary) + "\n")
 
 
 def write_curves(curves: dict[str, dict[str, list[tuple[int, float]]]], directory: str) -> None:
@@ -152,9 +148,7 @@ def write_curves(curves: dict[str, dict[str, list[tuple[int, float]]]], director
     curves.md (FD and recall per scored step, a column per row) and curves.png (FD against the refine step)."""
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, "curves")
-    with open(path + ".json.tmp", "w") as f:
-        json.dump(curves, f, indent=2)
-    os.replace(path + ".json.tmp", path + ".json")
+    replace_json(path + ".json", curves)
     rows = [name for name in curves if curves[name].get("eval/fd")]
     if not rows:
         return
@@ -165,9 +159,7 @@ def write_curves(curves: dict[str, dict[str, list[tuple[int, float]]]], director
              "| refine step | " + " | ".join(rows) + " |", "|" + "---|" * (len(rows) + 1)]
     lines += [f"| {s} | " + " | ".join(f"{cell(n, 'eval/fd', s)} / {cell(n, 'eval/recall', s)}" for n in rows) + " |"
               for s in steps]
-    with open(path + ".md.tmp", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(path + ".md.tmp", path + ".md")
+    replace_text(path + ".md", "\n".join(lines) + "\n")
     chart = visualize.line_chart({name: curves[name]["eval/fd"] for name in rows}, title="one-step FD during refine",
                                  x_label="refine step", y_label="FD")
     visualize.save_png(chart, path + ".png")

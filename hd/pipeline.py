@@ -45,6 +45,7 @@ from hd.checkpoint import latest_step
 from hd.config import apply_overrides
 from hd.eval import evaluator
 from hd.eval.evaluator import results_table, write_results
+from hd.files import replace_json
 from hd.train import loop
 
 VARIANTS = {
@@ -117,14 +118,6 @@ def _read_json(path: str):
         return None
     with open(path) as f:
         return json.load(f)
-
-
-def _write_json(path: str, value) -> None:
-    """Atomically (a crash leaves the old file or the new one, never half of one)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=2)
-    os.replace(tmp, path)
 
 
 def _sync(name: str) -> None:
@@ -223,7 +216,7 @@ def run_pipeline(config_path: str, workdir: str, profile: str = "default", overr
         if jax.process_index() == 0:
             moved = _supersede(dirs[stage], workdir, stamp)
             plan.pop(stage, None)
-            _write_json(plan_path, plan)
+            replace_json(plan_path, plan)
             logging.warning("%s; moved it to %s, training it again", reason, moved)
     _sync("pipeline_superseded")
 
@@ -243,7 +236,7 @@ def run_pipeline(config_path: str, workdir: str, profile: str = "default", overr
             plan[stage] = {"built_from": built_from}
             if jax.process_index() == 0:
                 os.makedirs(os.path.dirname(plan_path), exist_ok=True)
-                _write_json(plan_path, plan)
+                replace_json(plan_path, plan)
         if latest is not None and latest >= num_steps:
             if latest == num_steps:
                 logging.info("%s: finished earlier (%s), skipping", stage, dirs[stage])
@@ -289,7 +282,7 @@ def run_pipeline(config_path: str, workdir: str, profile: str = "default", overr
                                "rerun the pipeline")
         if jax.process_index() == 0:
             write_results(entries, dirs["eval"])
-            _write_json(sources_path, record)
+            replace_json(sources_path, record)
 
     if jax.process_index() == 0:
         print(results_table(entries))

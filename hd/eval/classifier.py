@@ -24,6 +24,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from hd.data import load_source, make_batch_iterator
+from hd.files import replace_json
 
 FEATURE_SIZE = 128
 # Bumped whenever the architecture or the training recipe changes, so an older cache is never restored into
@@ -180,9 +181,7 @@ def train_classifier(data_cfg: ml_collections.ConfigDict, directory: str, *, num
     checkpointer.wait_until_finished()
     if jax.process_index() == 0:
         record = dict(key, test_accuracy=accuracy, test_examples=len(predictions), train_seconds=train_seconds)
-        with open(info_path + ".tmp", "w") as f:
-            json.dump(record, f, indent=2)
-        os.replace(info_path + ".tmp", info_path)
+        replace_json(info_path, record)
     return params, accuracy
 
 

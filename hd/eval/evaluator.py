@@ -38,6 +38,7 @@ from hd.eval.frechet import feature_statistics, frechet_distance, frechet_distan
 from hd.eval.inception import file_sha256, inception_features, load_inception_params, quantize_to_uint8
 from hd.eval.inception_score import inception_score
 from hd.eval.precision_recall import precision_recall
+from hd.files import replace_json, replace_text
 from hd.models import abstract_params, average_velocity_apply, build_model, velocity_apply
 from hd.models.vae import load_vae
 
@@ -276,15 +277,12 @@ def inception_results_table(entries: list[dict]) -> str:
 def write_results(entries: list[dict], workdir: str, name: str = "results") -> None:
     """NAME.json (every field) and NAME.md (the table, after a line naming the feature net) in `workdir`."""
     path = os.path.join(workdir, name)
-    with open(path + ".json.tmp", "w") as f:
-        json.dump(entries, f, indent=2)
-    os.replace(path + ".json.tmp", path + ".json")
+    replace_json(path + ".json", entries)
     first = entries[0]
     note = (f"Features: {first['feature_net']}"
             + (f" (test accuracy {first['feature_net_test_accuracy']:.4f})" if first["feature_net_test_accuracy"]
                else "") + f"; {first['n_samples']} samples per row.\n\n")
-    with open(path + ".md", "w") as f:
-        f.write(note + results_table(entries) + "\n")
+    replace_text(path + ".md", note + results_table(entries) + "\n")
 
 
 # --- Inception evaluation at the paper's scale: FID / IS / precision-recall, chunked and resumable -------------

@@ -54,6 +54,7 @@ from safetensors.numpy import load_file
 from hd.checkpoint import Checkpointer
 from hd.config import validate
 from hd.eval.inception import file_sha256
+from hd.files import replace_json
 from hd.logs import quiet_library_logs
 from hd.models import build_model, init_params
 from hd.models.dit import DIT_SIZES, TimestepEmbedder, sincos_pos_embed_2d
@@ -367,10 +368,7 @@ def write_teacher_workdir(params: dict, config: Any, workdir: str, imported_from
             checkpointer.close()
         record = json.loads(config.to_json_best_effort())
         record["imported_from"] = imported_from
-        tmp = os.path.join(workdir, "config.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(record, f, indent=2)
-        os.replace(tmp, os.path.join(workdir, "config.json"))  # last: its presence marks a finished import
+        replace_json(os.path.join(workdir, "config.json"), record)  # last: its presence marks a finished import
     except BaseException:
         if created:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -30,6 +30,7 @@ from hd.config import (check_example_shape, config_changes, flat_config, format_
 from hd.data import make_batch_iterator
 from hd.eval import heatmaps
 from hd.eval.evaluator import SampleScorer
+from hd.files import replace_text
 from hd.eval.inception import quantize_to_uint8
 from hd.models.vae import CONFIG_NAME, WEIGHTS_NAME, load_vae
 from hd.train.stages import Stage, build_stage, hand_off_sources
@@ -53,12 +54,6 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def _replace_text(path: epath.Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def config_text(config: ml_collections.ConfigDict, sources: dict) -> str:
     """config.json: the config, plus `sources` (what the hand-offs read) for stages built from others."""
     content = json.loads(config.to_json_best_effort())
@@ -75,10 +70,10 @@ def _record_start(config: ml_collections.ConfigDict, workdir: str, record: dict,
     path = epath.Path(workdir) / "config.json"  # a local path or a URL (gs://...)
     text = config_text(config, sources)
     if not path.exists() or path.read_text() != text:
-        _replace_text(path, text)
+        replace_text(path, text)
     history = epath.Path(workdir) / HISTORY_FILE
     previous = history.read_text() if history.exists() else ""  # no append on object stores: rewrite
-    _replace_text(history, previous + json.dumps(record) + "\n")
+    replace_text(history, previous + json.dumps(record) + "\n")
 
 
 def _compare_with_stored(config: ml_collections.ConfigDict, workdir: str, stored: dict | None,
@@ -579,5 +574,5 @@ def _clear_restore_step(config: ml_collections.ConfigDict, workdir: str) -> None
     if content is None:
         return
     content["restore_step"] = 0
-    _replace_text(epath.Path(workdir) / "config.json", json.dumps(content, indent=2))
+    replace_text(epath.Path(workdir) / "config.json", json.dumps(content, indent=2))
 
