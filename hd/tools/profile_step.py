@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import json
 import math
 import os
 import re
@@ -52,6 +51,7 @@ from ml_collections import config_flags
 from hd import bench
 from hd.config import check_values
 from hd.costs import cost_dict, lowered_cost
+from hd.files import replace_json
 from hd.models.dit import DIT_SIZES, DiTBlock
 
 CATEGORIES = ("matmul", "reduce", "copy/transpose", "elementwise", "other")
@@ -698,8 +698,7 @@ def main(argv: list[str]) -> None:
         tokens = (bench.data_shape(config)[0] // config.model.patch_size) ** 2
         reports["block"]["matmul_flops_expected"] = 3 * block_matmul_flops(config.batch_size, tokens, hidden, heads,
                                                                           config.model.mlp_ratio)
-    with open(os.path.join(_OUT_DIR.value, "profile.json"), "w") as f:
-        json.dump(reports, f, indent=2)
+    replace_json(os.path.join(_OUT_DIR.value, "profile.json"), reports)
     device = jax.devices()[0]
     print(f"{config.model.name} {config.model.size}/p{config.model.patch_size}, batch {config.batch_size}, "
           f"{config.model.dtype}, on {device.platform} ({device.device_kind}), jax {jax.__version__}; "
